@@ -1,0 +1,230 @@
+"""SageModel: InternViT + adapter + Llama with Self-Guided Fact Enhancement (paper §3.2, Fig. 2).
+
+One forward pass (DESIGN §1):
+  1. encode_images: InternViT -> drop CLS -> pixel shuffle -> adapter        v (tiles, T, C)
+  2. Eq. 1: top-K test tokens least similar to the reference          idx, j* (B, K)
+  3. facts: token embedding table + masked mean pooling (F_t)          t^g (B, N, C)
+  4. Eq. 2: fusion cross-attention (keys v_d, values v_t[idx])         t^s (B, N, C)
+  5. Eq. 9: LayerNorm projection head                                  phi_Proj(t^s)
+  6. assembly: v at <IMG_CONTEXT>, phi_Proj(t^s) at <FACT_CONTEXT>    inputs_embeds (B, T, C)
+  7. LLM: logits, Eq. 8 answer cross-entropy; generation (Eq. 10) with the KV cache.
+Zero-shot (no reference): keys = values = all test tokens. facts_mode "hard"/"none" skip 2-5.
+
+    model = sage.load_pretrained("weights/sage-tiny-base"); print(model.chat(img, "Any defect?"))
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from sage.config import SageConfig
+from sage.kernels import topk_cosine
+from sage.losses import answer_cross_entropy
+from sage.models.adapter import Adapter, pixel_shuffle
+from sage.models.fusion import FactProjection, FusionAttention, difference_features
+from sage.models.intern_vit import InternViT
+from sage.models.llama import Llama
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Global pooling of fact token embeddings (paper §3.2): x (..., L, C), mask (..., L) -> (..., C).
+
+    Accumulates in fp32; an all-pad sentence pools to zeros instead of NaN.
+    """
+    m = mask.to(torch.float32).unsqueeze(-1)  # (..., L, 1)
+    total = (x.float() * m).sum(-2)  # (..., C)
+    return (total / m.sum(-2).clamp_min(1.0)).to(x.dtype)
+
+
+def split_by_tiles(v: torch.Tensor, tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image token sets from per-tile features.
+
+    v (n_tiles, T, C) for all tiles of all images in order, tiles (B,) tiles per image ->
+    padded (B, P_max, C) with P_b = tiles_b * T, and mask (B, P_max) bool (True = real token).
+    """
+    n, T, C = v.shape
+    counts = [int(t) * T for t in tiles.tolist()]
+    if sum(counts) != n * T:
+        raise ValueError(f"tiles per image {tiles.tolist()} sum to {sum(tiles.tolist())}, "
+                         f"but {n} tiles were encoded")
+    flat = v.reshape(n * T, C)  # (n_tiles * T, C), image-major order
+    if len(set(counts)) == 1:  # common case: every image has the same number of tiles
+        B = len(counts)
+        return flat.view(B, counts[0], C), torch.ones(B, counts[0], dtype=torch.bool,
+                                                      device=v.device)
+    parts = torch.split(flat, counts)
+    padded = nn.utils.rnn.pad_sequence(list(parts), batch_first=True)  # (B, P_max, C)
+    mask = torch.zeros(padded.shape[:2], dtype=torch.bool, device=v.device)
+    for b, c in enumerate(counts):
+        mask[b, :c] = True
+    return padded, mask
+
+
+class SageModel(nn.Module):
+    """The full VLM of Fig. 2 (InternVL2 layout) plus SAGE's fusion attention and head."""
+
+    def __init__(self, cfg: SageConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.vision = InternViT(cfg.vision)
+        self.adapter = Adapter(cfg.adapter_in_dim, cfg.llm.dim, norm_eps=cfg.adapter_norm_eps)
+        self.llm = Llama(cfg.llm)
+        self.fusion = FusionAttention(cfg.llm.dim, cfg.fusion_heads)
+        self.fact_proj = FactProjection(cfg.llm.dim)
+        self._tokenizer = None
+
+    def init_weights(self) -> None:
+        for m in (self.vision, self.adapter, self.llm, self.fusion, self.fact_proj):
+            m.init_weights()
+
+    # -------------------------------------------------------------- tokenizer
+
+    @property
+    def tokenizer(self):
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, tok) -> None:
+        """Attach the tokenizer; its placeholder ids are what forward looks for."""
+        self._tokenizer = tok
+
+    def _special_ids(self) -> tuple[int, int]:
+        if self._tokenizer is None:
+            raise ValueError("SageModel has no tokenizer: set `model.tokenizer = Tokenizer(...)` "
+                             "(sage.load_pretrained attaches the checkpoint's tokenizer.model)")
+        return self._tokenizer.img_context_id, self._tokenizer.fact_context_id
+
+    # -------------------------------------------------------------- vision
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values (n_tiles, 3, S, S) -> visual tokens v (n_tiles, T, C), T = cfg.n_image_tokens.
+
+        InternViT runs without autograd when it is frozen (DESIGN §2), the adapter with it.
+        """
+        vit_trainable = any(p.requires_grad for p in self.vision.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and vit_trainable):
+            h = self.vision(pixel_values.to(self.adapter.fc1.weight.dtype),
+                            select_layer=self.cfg.select_layer)  # (n, 1 + P, C_vit)
+        h = h[:, 1:]  # drop CLS: (n, P, C_vit)
+        n, P, c = h.shape
+        g = int(P**0.5)
+        h = pixel_shuffle(h.reshape(n, g, g, c), self.cfg.downsample_ratio)  # (n, g/2, g/2, 4c)
+        return self.adapter(h.reshape(n, -1, h.shape[-1]))  # (n, T, C)
+
+    # -------------------------------------------------------------- SFE
+
+    def embed_facts(self, fact_ids: torch.Tensor, fact_mask: torch.Tensor) -> torch.Tensor:
+        """Fact sentences -> t^g (B, N, C): the LLM's token embedding table (F_t) + mean pooling."""
+        return masked_mean(self.llm.embed_tokens(fact_ids), fact_mask)  # (B, N, C)
+
+    def select(self, v_t: torch.Tensor, v_r: torch.Tensor, t_mask: torch.Tensor,
+               r_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Eq. 1 on padded per-image token sets -> (idx, scores, ref_idx), each (B, K).
+
+        Index-only (no gradient through the choice); images with tile counts that differ from
+        the rest of the batch are handled one by one so padding never enters the selection.
+        """
+        k = self.cfg.top_k
+        if bool(t_mask.all()) and bool(r_mask.all()):
+            return topk_cosine(v_t.detach(), v_r.detach(), k, mode=self.cfg.selection)
+        outs = []
+        for b in range(v_t.shape[0]):
+            p, r = int(t_mask[b].sum()), int(r_mask[b].sum())
+            outs.append(topk_cosine(v_t[b:b + 1, :p].detach(), v_r[b:b + 1, :r].detach(), k,
+                                    mode=self.cfg.selection))
+        return tuple(torch.cat(x) for x in zip(*outs))
+
+    def fact_tokens(self, v_t_tiles: torch.Tensor, batch: dict) -> torch.Tensor:
+        """Steps 2-5: the N comparison-enhanced fact tokens phi_Proj(t^s), (B, N, C)."""
+        t_g = self.embed_facts(batch["fact_ids"], batch["fact_mask"])  # (B, N, C)
+        v_t, t_mask = split_by_tiles(v_t_tiles, batch["tiles_test"])  # (B, P, C)
+        if batch.get("pixel_ref") is None:
+            # zero-shot (paper §5.1): keys = values = all test tokens
+            t_s = self.fusion(t_g, v_t, v_t, key_mask=None if t_mask.all() else t_mask)
+        else:
+            v_r, r_mask = split_by_tiles(self.encode_images(batch["pixel_ref"]),
+                                         batch["tiles_ref"])  # (B, R, C)
+            idx, _, ref_idx = self.select(v_t, v_r, t_mask, r_mask)  # (B, K) each
+            v_d, v_sel = difference_features(v_t, v_r, idx, ref_idx)  # (B, K, C) each
+            t_s = self.fusion(t_g, v_d, v_sel)  # Eq. 2: (B, N, C)
+        return self.fact_proj(t_s)  # Eq. 9
+
+    # -------------------------------------------------------------- assembly
+
+    def assemble(self, batch: dict) -> torch.Tensor:
+        """Token embeddings with image and fact embeddings at their placeholders, (B, T, C)."""
+        img_id, fact_id = self._special_ids()
+        ids = batch["input_ids"]
+        img_pos, fact_pos = ids == img_id, ids == fact_id  # (B, T) each
+        # Placeholder ids may lie outside the embedding table (<FACT_CONTEXT> is SAGE's own
+        # token): look up id 0 there, the row is overwritten below anyway.
+        x = self.llm.embed_tokens(ids.masked_fill(img_pos | fact_pos, 0))  # (B, T, C)
+        v = self.encode_images(batch["pixel_test"])  # (n_tiles, T_img, C)
+        n_img = v.shape[0] * v.shape[1]
+        if int(img_pos.sum()) != n_img:
+            raise ValueError(f"prompt has {int(img_pos.sum())} <IMG_CONTEXT> tokens "
+                             f"(per sample {img_pos.sum(1).tolist()}) but the test images give "
+                             f"{n_img} visual tokens (tiles {batch['tiles_test'].tolist()} x "
+                             f"{v.shape[1]}); ids {batch.get('ids')}")
+        x = x.masked_scatter(img_pos.unsqueeze(-1), v.to(x.dtype))
+        n_fact = int(fact_pos.sum())
+        if self.cfg.facts_mode == "fe" or n_fact:
+            want = ids.shape[0] * self.cfg.n_facts
+            if n_fact != want or self.cfg.facts_mode != "fe":
+                raise ValueError(f"prompt has {n_fact} <FACT_CONTEXT> tokens (per sample "
+                                 f"{fact_pos.sum(1).tolist()}); facts_mode "
+                                 f"{self.cfg.facts_mode!r} with n_facts={self.cfg.n_facts} "
+                                 f"expects {want if self.cfg.facts_mode == 'fe' else 0}")
+            x = x.masked_scatter(fact_pos.unsqueeze(-1), self.fact_tokens(v, batch).to(x.dtype))
+        return x
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> logits (B, T, V), Eq. 8 answer cross-entropy summed per example (B,), answer tokens (B,)."""
+        x = self.assemble(batch)
+        logits = self.llm(inputs_embeds=x, attention_mask=batch["attention_mask"])
+        if "labels" not in batch:
+            return logits, None, None
+        loss_sum, n_tokens = answer_cross_entropy(logits, batch["labels"])
+        return logits, loss_sum, n_tokens
+
+    # -------------------------------------------------------------- generation
+
+    @torch.no_grad()
+    def generate(self, batch: dict, max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_p: float = 1.0, generator: torch.Generator | None = None,
+                 use_cache: bool = True) -> torch.Tensor:
+        """Eq. 10: autoregressive answers for a left-padded batch -> new ids (B, n_new)."""
+        self._special_ids()
+        x = self.assemble(batch)
+        return self.llm.generate(inputs_embeds=x, attention_mask=batch["attention_mask"],
+                                 max_new_tokens=max_new_tokens,
+                                 stop_ids=self._tokenizer.stop_ids, temperature=temperature,
+                                 top_p=top_p, generator=generator, use_cache=use_cache,
+                                 pad_id=self._tokenizer.pad_id)
+
+    def chat(self, test_image, question: str, reference_image=None, facts=None,
+             **gen) -> str:
+        """One answer for one question: images are paths or PIL images; facts a list of str."""
+        from sage.data.collate import Collator
+        from sage.data.images import load_image
+
+        cfg = self.cfg
+        mode = cfg.facts_mode
+        if mode in ("fe", "hard") and not facts:
+            raise ValueError(f"facts_mode {mode!r} needs facts (a list of fact sentences); "
+                             "produce them with `python -m sage.facts`")
+
+        def pix(img):
+            return load_image(img, cfg.vision.image_size, dynamic=cfg.dynamic_image_size,
+                              max_tiles=cfg.max_dynamic_patch, min_tiles=cfg.min_dynamic_patch,
+                              use_thumbnail=cfg.use_thumbnail)
+
+        example = {"id": "chat", "question": question, "facts": facts or [],
+                   "pixel_test": pix(test_image),
+                   "pixel_ref": None if reference_image is None else pix(reference_image)}
+        batch = Collator(self._tokenizer, cfg, for_generation=True)([example])
+        device = self.adapter.fc1.weight.device
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        out = self.generate(batch, **gen)
+        return self._tokenizer.decode(out[0].tolist())
