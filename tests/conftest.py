@@ -1,0 +1,18 @@
+"""Shared pytest fixtures: tiny configs and seeded generators.  Run: python -m pytest -q tests"""
+
+import pytest
+import torch
+
+from sage.config import SageConfig
+
+
+@pytest.fixture
+def tiny_cfg() -> SageConfig:
+    """The embedded CPU-sized model (DESIGN §7)."""
+    return SageConfig.preset("tiny")
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    """A CPU generator seeded with 0; pass it to every random draw of a test."""
+    return torch.Generator().manual_seed(0)
