@@ -110,6 +110,9 @@ def shard_model(model: nn.Module, device: torch.device, bf16: bool | None = None
         kw["offload_policy"] = CPUOffloadPolicy()
     model.vision.grad_checkpointing = activation_checkpointing
     model.llm.grad_checkpointing = activation_checkpointing
+    if bf16:  # the frozen InternViT is kept in bf16 (no fp32 master copy is needed)
+        model.vision.to(torch.bfloat16)
+    fully_shard(model.vision.embeddings, **kw)  # frozen units stay apart from trainable ones
     for block in model.vision.encoder.layers:
         fully_shard(block, **kw)
     for block in model.llm.layers:
