@@ -12,6 +12,7 @@ import os
 import random
 import shutil
 import time
+from argparse import ArgumentParser, BooleanOptionalAction
 from pathlib import Path
 
 import numpy as np
@@ -30,8 +31,61 @@ TRAINABLE = {
     "pretrain": ("adapter.", "llm."),
     "sfe": ("adapter.", "fusion.", "fact_proj.", "llm."),
     "edpo": ("adapter.", "llm."),
+    "frozen": (),  # the E-DPO reference model
 }
 NEW_MODULES = ("fusion.", "fact_proj.")  # SAGE's own keys: absent from a plain InternVL2 dir
+
+
+def add_optim_args(p: ArgumentParser) -> None:
+    """`# optimisation` flags shared by train_sfe.py and train_edpo.py."""
+    p.add_argument("--recipe", choices=["auto", "paper", "tiny"], default="auto",
+                   help="defaults for lr/warmup/steps: paper (the real model) or tiny; "
+                        "auto = tiny for a model of width < 1024")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate")
+    p.add_argument("--warmup", type=int, default=None, help="linear warmup steps")
+    p.add_argument("--max_steps", type=int, default=None, help="optimizer steps")
+    p.add_argument("--global_batch", type=int, default=32, help="samples per optimizer step")
+    p.add_argument("--micro_batch", type=int, default=8, help="samples per forward per rank")
+    p.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--grad_clip", type=float, default=1.0, help="max global gradient norm")
+    p.add_argument("--seed", type=int, default=0, help="seed for init, data order and sampling")
+
+
+def add_runtime_args(p: ArgumentParser, out: str) -> None:
+    """`# runtime` flags shared by train_sfe.py and train_edpo.py."""
+    p.add_argument("--out", default=out, help="run directory (checkpoints, metrics, export)")
+    p.add_argument("--save_every", type=int, default=0,
+                   help="checkpoint every N steps (0: at the end only)")
+    p.add_argument("--keep_last", type=int, default=2, help="checkpoints kept")
+    p.add_argument("--resume", action=BooleanOptionalAction, default=False,
+                   help="continue from the newest complete checkpoint in --out")
+    p.add_argument("--activation_checkpointing", action=BooleanOptionalAction, default=False,
+                   help="recompute each block in backward")
+    p.add_argument("--cpu_offload", action=BooleanOptionalAction, default=False,
+                   help="FSDP2 CPU offload of params, grads and optimizer state")
+    p.add_argument("--log_every", type=int, default=10, help="status line every N steps")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+
+
+def resolve_recipe(args, cfg: SageConfig, recipes: dict) -> tuple[float, int, int]:
+    """(lr, warmup, max_steps): explicit flags win over the recipe's defaults."""
+    name = args.recipe if args.recipe != "auto" else ("tiny" if cfg.llm.dim < 1024 else "paper")
+    r = recipes[name]
+    lr = args.lr or r["lr"]
+    warmup = args.warmup if args.warmup is not None else r["warmup"]
+    return lr, warmup, args.max_steps or r["max_steps"]
+
+
+def accumulation_steps(global_batch: int, world: int, micro_batch: int) -> int:
+    """Micro-batches per rank per optimizer step so that the global batch is exact."""
+    if global_batch % (world * micro_batch):
+        raise ValueError(f"--global_batch {global_batch} must be a multiple of world size "
+                         f"{world} x --micro_batch {micro_batch}")
+    return global_batch // (world * micro_batch)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def lr_at(step: int, peak: float, warmup: int, total: int, min_ratio: float = 0.0) -> float:
@@ -59,7 +113,8 @@ def set_trainable(model: torch.nn.Module, prefixes: tuple[str, ...]) -> tuple[in
 
 
 def build_model(cfg: SageConfig, dist: DistInfo, init_dir: str | None, stage: str,
-                activation_checkpointing: bool = False, bf16: bool | None = None) -> SageModel:
+                activation_checkpointing: bool = False, cpu_offload: bool = False,
+                bf16: bool | None = None) -> SageModel:
     """Meta build -> freeze -> FSDP2 shard -> materialise -> fill this rank's shards.
 
     init_dir None: fresh weights (the tiny `--stage pretrain` run). Otherwise an InternVL2-layout
@@ -69,7 +124,8 @@ def build_model(cfg: SageConfig, dist: DistInfo, init_dir: str | None, stage: st
     with torch.device("meta"):
         model = SageModel(cfg)
     set_trainable(model, TRAINABLE[stage])
-    shard_model(model, dist.device, bf16=bf16, activation_checkpointing=activation_checkpointing)
+    shard_model(model, dist.device, bf16=bf16, activation_checkpointing=activation_checkpointing,
+                cpu_offload=cpu_offload)
     model.to_empty(device=dist.device)
     with torch.no_grad():
         model.init_weights()

@@ -1,0 +1,202 @@
+"""Stage 1: Self-Guided Fact Enhancement (SFE) fine-tuning (paper §3.2, §3.4; DESIGN §2).
+
+Trains the adapter, the fusion attention (Eq. 2) with its projection head (Eq. 9) and the LLM
+on the answer tokens only (Eq. 8); InternViT stays frozen and runs without autograd. Also
+trains the tiny base VLM from scratch (`--stage pretrain`: captions and general questions,
+no anomaly QA) and runs the Table 3 ablations (`--facts hard|none`).
+
+    python train_sfe.py                                   # tiny default on SynthAD, CPU
+    torchrun --nproc_per_node=2 train_sfe.py              # same, 2 gloo processes
+    torchrun --nproc_per_node=8 train_sfe.py --init weights/InternVL2-40B \
+        --data data/adpl --split mvtec_train --activation-checkpointing   # real model, 8xA100
+    python train_sfe.py --plan --preset internvl2-40b --plan-world 8 --plan-gpu-gib 80
+"""
+
+import argparse
+import itertools
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from sage.config import SageConfig
+from sage.data import Collator, GeneralDataset, ResumableDistributedSampler, SFEDataset, load_jsonl
+from sage.distributed import all_reduce_sum, cleanup, init_distributed, print0
+from sage.plan import format_plan, plan_memory
+from sage.tokenizer import Tokenizer
+from sage.training import (MetricsLog, accumulation_steps, add_optim_args, add_runtime_args,
+                           build_model, build_optimizer, check_finite, eta, export_model,
+                           flops_per_token, grad_norm_and_clip, latest_checkpoint,
+                           load_checkpoint, lr_at, resolve_recipe, save_checkpoint,
+                           seed_everything, status_line, to_device)
+
+# ----------------------------------------------------------------------------- arguments
+p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+# model
+p.add_argument("--init", default="weights/sage-tiny-base",
+               help="InternVL2-layout directory to start from (default: the tiny base VLM)")
+p.add_argument("--stage", choices=["sfe", "pretrain"], default="sfe",
+               help="sfe: Stage 1 on anomaly QA; pretrain: fresh tiny VLM on general data")
+p.add_argument("--preset", default="tiny", help="config preset for --stage pretrain / --plan")
+p.add_argument("--tokenizer", default=None,
+               help="directory with tokenizer.model for --stage pretrain (default: --data)")
+p.add_argument("--facts", choices=["fe", "hard", "none"], default="fe",
+               help="fe: fusion attention (default); hard: facts as text; none: plain SFT")
+p.add_argument("--n_facts", type=int, default=None, help="N fact tokens (Eq. 2); default: config")
+p.add_argument("--top_k", type=int, default=None, help="K selected patches (Eq. 1); default: config")
+# data
+p.add_argument("--data", default="data/synthad", help="data root holding the JSONL splits")
+p.add_argument("--split", default=None, help="JSONL split (default sfe_train / pretrain)")
+p.add_argument("--setting", choices=["one-shot", "zero-shot", "mixed"], default="mixed",
+               help="reference given (one-shot), not (zero-shot), or alternating micro-batches")
+p.add_argument("--max_len", type=int, default=None, help="truncate sequences (tokens)")
+# optimisation
+add_optim_args(p)
+# runtime
+add_runtime_args(p, out="runs/sfe")
+p.add_argument("--plan", action="store_true", help="print the per-rank memory plan and exit")
+p.add_argument("--plan_world", type=int, default=8, help="--plan: number of ranks")
+p.add_argument("--plan_gpu_gib", type=float, default=80.0, help="--plan: GPU memory (GiB)")
+p.add_argument("--plan_seq_len", type=int, default=2048, help="--plan: tokens per sample")
+args = p.parse_args()
+
+RECIPES = {"paper": dict(lr=2e-6, warmup=1000, max_steps=5000),
+           "tiny": dict(lr=1e-3 if args.stage == "pretrain" else 3e-4, warmup=30, max_steps=300)}
+
+# ----------------------------------------------------------------------------- memory plan
+if args.plan:
+    cfg = SageConfig.preset(args.preset)
+    for ac in (False, True):
+        plan = plan_memory(cfg, world=args.plan_world, gpu_gib=args.plan_gpu_gib,
+                           micro_batch=1, seq_len=args.plan_seq_len, stage="sfe",
+                           activation_checkpointing=ac, cpu_offload=args.cpu_offload)
+        print(format_plan(plan, f"{args.preset} SFE, {args.plan_world} ranks x "
+                                f"{args.plan_gpu_gib:g} GiB, micro-batch 1, "
+                                f"{args.plan_seq_len} tokens, activation checkpointing {ac}"))
+    for ref_cache in (False, True):
+        plan = plan_memory(cfg, world=args.plan_world, gpu_gib=args.plan_gpu_gib, micro_batch=1,
+                           seq_len=args.plan_seq_len, stage="edpo", ref_cache=ref_cache,
+                           cpu_offload=args.cpu_offload)
+        print(format_plan(plan, f"{args.preset} E-DPO (chosen + rejected), checkpointing, "
+                                f"reference log-probs {'cached' if ref_cache else 'in memory'}"))
+    raise SystemExit(0)
+
+# ----------------------------------------------------------------------------- distributed, seeds
+dist = init_distributed(args.device)
+seed_everything(args.seed + dist.rank)
+run_dir = Path(args.out)
+run_dir.mkdir(parents=True, exist_ok=True)
+
+# ----------------------------------------------------------------------------- model
+if args.stage == "pretrain":
+    cfg = SageConfig.preset(args.preset)
+    tokenizer = Tokenizer.from_pretrained(args.tokenizer or args.data)
+    cfg.llm.vocab_size = tokenizer.vocab_size  # the table grows with the trained tokenizer
+    init_dir, facts_mode = None, "none"
+else:
+    cfg = SageConfig.from_pretrained(args.init)
+    tokenizer = Tokenizer.from_pretrained(args.init)
+    init_dir, facts_mode = args.init, args.facts
+cfg.facts_mode = facts_mode
+cfg.n_facts = args.n_facts or cfg.n_facts
+cfg.top_k = args.top_k or cfg.top_k
+lr, warmup, max_steps = resolve_recipe(args, cfg, RECIPES)
+print0(f"config: {json.dumps(cfg.to_dict())}")
+print0(f"lr {lr:g}, warmup {warmup}, steps {max_steps}")
+(run_dir / "config.json").write_text(json.dumps({"model": cfg.to_dict(), "args": vars(args)},
+                                                indent=2))
+
+model = build_model(cfg, dist, init_dir, stage="pretrain" if args.stage == "pretrain" else "sfe",
+                    activation_checkpointing=args.activation_checkpointing,
+                    cpu_offload=args.cpu_offload)
+model.tokenizer = tokenizer
+optimizer = build_optimizer(model, lr, args.weight_decay, dist.device)
+
+# ----------------------------------------------------------------------------- data
+split = args.split or ("pretrain" if args.stage == "pretrain" else "sfe_train")
+data_file = Path(args.data) / f"{split}.jsonl"
+if args.stage == "pretrain":
+    records = load_jsonl(data_file, kind="general")
+    datasets = {"zero-shot": GeneralDataset(records, args.data, cfg)}
+else:
+    records = load_jsonl(data_file, kind="qa")
+    settings = ["one-shot", "zero-shot"] if args.setting == "mixed" else [args.setting]
+    datasets = {s: SFEDataset(records, args.data, cfg, setting=s) for s in settings}
+collate = Collator(tokenizer, cfg, facts_mode=facts_mode, max_len=args.max_len)
+accum = accumulation_steps(args.global_batch, dist.world_size, args.micro_batch)
+sampler = ResumableDistributedSampler(len(records), dist.rank, dist.world_size, seed=args.seed)
+print0(f"data: {len(records)} records from {data_file}; global batch {args.global_batch} = "
+       f"{dist.world_size} ranks x {args.micro_batch} x {accum} accumulation steps")
+
+# ----------------------------------------------------------------------------- resume
+step = 0
+if args.resume and (ckpt := latest_checkpoint(run_dir)) is not None:
+    meta = load_checkpoint(ckpt, model, optimizer, dist.rank)
+    step = meta["step"]
+    sampler.load_state_dict(meta["sampler"])
+    print0(f"resumed from {ckpt} at step {step}")
+
+# ----------------------------------------------------------------------------- loop
+stream = (i for _ in itertools.count() for i in sampler)  # endless, epoch after epoch
+log = MetricsLog(run_dir, dist.rank)
+flops_tok = flops_per_token(cfg, seq_len=512)
+peak_flops = 989e12 if dist.device.type == "cuda" else None  # H100 bf16 dense; for MFU only
+model.train()
+t_last = time.time()
+while step < max_steps:
+    # -- one optimiser step: micro-batches, loss / n_answer_tokens_global, backward
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(step, lr, warmup, max_steps)
+    setting = list(datasets)[step % len(datasets)]  # "mixed" alternates the setting per step
+    batches = []
+    for _ in range(accum):
+        idx = [next(stream) for _ in range(args.micro_batch)]
+        batches.append(collate([datasets[setting][i] for i in idx]))
+    # Normalise by the answer tokens of the *global* batch (all micro-batches, all ranks), so
+    # every answer token weighs the same whatever the world size and accumulation.
+    n_local = sum(int((b["labels"] != -100).sum()) for b in batches)
+    n_global = all_reduce_sum(torch.tensor(float(n_local), device=dist.device)).item()
+    loss_total, tokens = torch.zeros((), device=dist.device), 0
+    for i, batch in enumerate(batches):
+        batch = to_device(batch, dist.device)
+        model.set_requires_gradient_sync(i == accum - 1)
+        _, loss_sum, _ = model(batch)
+        # FSDP averages gradients over ranks; x world_size turns that into a global token sum
+        loss = loss_sum.sum() * dist.world_size / n_global
+        check_finite(loss, step, batch["ids"])
+        loss.backward()
+        loss_total += loss.detach() / dist.world_size
+        tokens += int(batch["attention_mask"].sum())
+    # -- clip, step, zero_grad
+    gnorm = grad_norm_and_clip(model, args.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    step += 1
+    # -- log (rank 0): .item() only here
+    if step % args.log_every == 0 or step == max_steps:
+        loss_val = all_reduce_sum(loss_total).item()
+        dt = (time.time() - t_last) / (args.log_every if step % args.log_every == 0 else 1)
+        t_last = time.time()
+        tok_s = tokens * dist.world_size / dt
+        extra = f" | {args.global_batch / dt:.1f} samples/s | ETA {eta(dt, max_steps - step)}"
+        if peak_flops:
+            extra += f" | MFU {100 * tok_s * flops_tok / (peak_flops * dist.world_size):.1f}%"
+        print0(status_line(step, max_steps, loss_val, optimizer.param_groups[0]["lr"], gnorm,
+                           dt, tok_s, extra))
+        log.log({"step": step, "loss": loss_val, "lr": optimizer.param_groups[0]["lr"],
+                 "gnorm": gnorm, "step_ms": dt * 1000, "tok_s": tok_s, "setting": setting})
+    # -- checkpoint (all ranks take part)
+    if args.save_every and step % args.save_every == 0 and step < max_steps:
+        save_checkpoint(run_dir, step, model, optimizer,
+                        {"sampler": sampler.state_dict(), "args": vars(args)}, dist.rank,
+                        keep_last=args.keep_last)
+
+# ----------------------------------------------------------------------------- export, cleanup
+save_checkpoint(run_dir, step, model, optimizer, {"sampler": sampler.state_dict(),
+                                                  "args": vars(args)}, dist.rank,
+                keep_last=args.keep_last)
+export_model(model, cfg, tokenizer, run_dir / "export", dist.rank)
+print0(f"exported {run_dir / 'export'}")
+log.close()
+cleanup()
