@@ -1,0 +1,190 @@
+"""Batching: examples (sage.data.datasets) -> the batch dict SageModel consumes.
+
+    input_ids       LongTensor (B, T)   right padded with pad_id (LEFT padded for generation)
+    attention_mask  LongTensor (B, T)   1 real, 0 pad
+    labels          LongTensor (B, T)   -100 except answer tokens + closing <|im_end|> (Eq. 8)
+    pixel_test      FloatTensor (n_tiles_total, 3, S, S)   all test tiles, example order
+    tiles_test      LongTensor (B,)     tiles per test image
+    pixel_ref       FloatTensor (n_ref_tiles_total, 3, S, S) or None (zero-shot)
+    tiles_ref       LongTensor (B,) or None
+    fact_ids        LongTensor (B, N, Lf)  first N fact sentences, <= max_fact_tokens each,
+                                           pad_id padded ("fe" mode; None otherwise)
+    fact_mask       LongTensor (B, N, Lf)  1 real token
+    ids             list[str]           record ids
+
+The user turn is sage.data.prompts.build_user_message (test image placeholders: n_image_tokens
+x tiles; then N <FACT_CONTEXT> or the facts as text; then the question); the Hermes-2 chat
+template and label masking are the tokenizer's `encode_chat`.
+
+EDPOCollator lays out the E-DPO pairs (Eq. 5) so that chosen and rejected answers go through
+ONE forward pass: sequences [w_1 .. w_M, l_1 .. l_M] (images repeated), with per pair
+`pair_delta_h` (M,), `pair_index` (M,) (instance in the batch), `pair_kind` ("extreme" |
+"adjacent") and `pair_ranks` (M, 2) (0-based ranks of a_w, a_l).
+
+    batch = Collator(tok, cfg)(examples); logits, loss_sum, n_tok = model(batch)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sage.config import SageConfig
+from sage.data.prompts import build_user_message
+
+IGNORE_INDEX = -100
+
+
+def pad_sequences(seqs: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
+    """Lists of ints -> LongTensor (B, T_max), padded on the right (or left) with `value`."""
+    T = max(len(s) for s in seqs)
+    out = torch.full((len(seqs), T), value, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        if s:
+            if left:
+                out[b, T - len(s):] = torch.tensor(s, dtype=torch.long)
+            else:
+                out[b, :len(s)] = torch.tensor(s, dtype=torch.long)
+    return out
+
+
+class Collator:
+    """Examples -> batch dict (module docstring). facts_mode defaults to cfg.facts_mode;
+    max_len (default cfg.llm.max_seq_len) truncates the answer, never the prompt."""
+
+    def __init__(self, tokenizer, cfg: SageConfig, facts_mode: str | None = None,
+                 for_generation: bool = False, max_len: int | None = None):
+        self.tok, self.cfg = tokenizer, cfg
+        self.facts_mode = facts_mode or cfg.facts_mode
+        if self.facts_mode not in ("fe", "hard", "none"):
+            raise ValueError(f"facts_mode={self.facts_mode!r}: expected 'fe', 'hard' or 'none'")
+        self.for_generation = for_generation
+        self.max_len = max_len or cfg.llm.max_seq_len
+
+    # ------------------------------------------------------------------ text
+
+    def user_message(self, ex: dict) -> str:
+        n_tiles = ex["pixel_test"].shape[0]
+        facts = ex.get("facts") or []
+        # "fe" needs exactly N sentences (one query each, Eq. 2); "hard" uses up to N as text
+        need = self.cfg.n_facts if self.facts_mode == "fe" else int(self.facts_mode == "hard")
+        if len(facts) < need:
+            raise ValueError(f"record {ex.get('id')!r}: facts_mode {self.facts_mode!r} needs "
+                             f"{need} fact sentence(s) in field 'facts', got {len(facts)} "
+                             "(fill them with `python -m sage.facts ... --fill`)")
+        return build_user_message(ex["question"], self.cfg.n_image_tokens * n_tiles,
+                                  facts_mode=self.facts_mode, n_facts=self.cfg.n_facts,
+                                  facts=facts[:self.cfg.n_facts])
+
+    def encode(self, ex: dict, answer: str | None) -> tuple[list[int], list[int]]:
+        """One example -> (ids, labels), truncated to max_len inside the answer only."""
+        ids, labels = self.tok.encode_chat(self.user_message(ex), answer,
+                                           system=self.cfg.system_message)
+        if len(ids) > self.max_len:
+            n_prompt = next((i for i, l in enumerate(labels) if l != IGNORE_INDEX), len(ids))
+            if n_prompt >= self.max_len:
+                raise ValueError(f"record {ex.get('id')!r}: the prompt alone has {n_prompt} "
+                                 f"tokens, more than max_len={self.max_len} (image tokens "
+                                 f"{self.cfg.n_image_tokens} x {ex['pixel_test'].shape[0]} "
+                                 "tiles); lower max_dynamic_patch or raise max_len")
+            ids, labels = ids[:self.max_len], labels[:self.max_len]
+        return ids, labels
+
+    def fact_tensors(self, examples: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        """First N fact sentences, each cut to max_fact_tokens -> ids, mask (B, N, Lf)."""
+        N, cap = self.cfg.n_facts, self.cfg.max_fact_tokens
+        sents = [[self.tok.encode(s)[:cap] for s in ex["facts"][:N]] for ex in examples]
+        Lf = max(1, max(len(s) for row in sents for s in row))
+        ids = torch.full((len(examples), N, Lf), self.tok.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(examples), N, Lf), dtype=torch.long)
+        for b, row in enumerate(sents):
+            for n, s in enumerate(row):
+                ids[b, n, :len(s)] = torch.tensor(s, dtype=torch.long)
+                mask[b, n, :len(s)] = 1
+        return ids, mask
+
+    # ------------------------------------------------------------------ batch
+
+    def build(self, examples: list[dict], answers: list[str | None]) -> dict:
+        """Examples with their target answers (None = prompt only) -> batch dict."""
+        if not examples:
+            raise ValueError("cannot collate an empty list of examples")
+        enc = [self.encode(ex, a) for ex, a in zip(examples, answers)]
+        left = self.for_generation
+        input_ids = pad_sequences([e[0] for e in enc], self.tok.pad_id, left=left)  # (B, T)
+        attention_mask = pad_sequences([[1] * len(e[0]) for e in enc], 0, left=left)
+        labels = pad_sequences([e[1] for e in enc], IGNORE_INDEX, left=left)
+        refs = [ex.get("pixel_ref") is not None for ex in examples]
+        if any(refs) and not all(refs):
+            raise ValueError("batch mixes one-shot and zero-shot examples (pixel_ref None for "
+                             f"ids {[ex.get('id') for ex, r in zip(examples, refs) if not r]})")
+        batch = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "pixel_test": torch.cat([ex["pixel_test"] for ex in examples]),
+            "tiles_test": torch.tensor([ex["pixel_test"].shape[0] for ex in examples]),
+            "pixel_ref": torch.cat([ex["pixel_ref"] for ex in examples]) if all(refs) else None,
+            "tiles_ref": (torch.tensor([ex["pixel_ref"].shape[0] for ex in examples])
+                          if all(refs) else None),
+            "fact_ids": None,
+            "fact_mask": None,
+            "ids": [ex.get("id") for ex in examples],
+        }
+        if self.facts_mode == "fe":
+            batch["fact_ids"], batch["fact_mask"] = self.fact_tensors(examples)
+        return batch
+
+    def __call__(self, examples: list[dict]) -> dict:
+        if self.for_generation:
+            answers = [None] * len(examples)
+        else:
+            answers = [ex["answer"] if "answer" in ex else ex["answers"][0] for ex in examples]
+        return self.build(examples, answers)
+
+
+class EDPOCollator(Collator):
+    """E-DPO batches (Eq. 3-7): per instance the extreme pair (a_1, a_L) and, with
+    pairs="both", the adjacent pair (a_i_hat, a_i_hat+1) of Eq. 5; pairs="extreme" is the
+    plain-DPO ablation. Chosen sequences first, then rejected, in the same pair order."""
+
+    def __init__(self, tokenizer, cfg: SageConfig, facts_mode: str | None = None,
+                 pairs: str = "both", temperature: float = 1.0, max_len: int | None = None):
+        super().__init__(tokenizer, cfg, facts_mode=facts_mode, for_generation=False,
+                         max_len=max_len)
+        if pairs not in ("both", "extreme"):
+            raise ValueError(f"pairs={pairs!r}: expected 'both' or 'extreme'")
+        self.pairs, self.temperature = pairs, temperature
+
+    def select_pairs(self, examples: list[dict]) -> list[tuple[int, int, int, float, str]]:
+        """-> [(instance, rank_w, rank_l, delta_h, kind)] in instance order (Eq. 3-5)."""
+        from sage.losses import answer_entropy, mle_score, select_edpo_pairs
+
+        for ex in examples:
+            if ex.get("mle") is None:
+                raise ValueError(f"record {ex.get('id')!r} has no 'mle' judge scores: run "
+                                 "python -m sage.mle score")
+        mle = torch.stack([torch.as_tensor(ex["mle"], dtype=torch.float32)
+                           for ex in examples])  # (B, L, 3)
+        h = answer_entropy(mle_score(mle), self.temperature)  # Eq. 3-4: (B, L)
+        i_hat, dh_min, dh_max = select_edpo_pairs(h)  # Eq. 5: (B,) each
+        L = mle.shape[1]
+        out = []
+        for b in range(len(examples)):
+            out.append((b, 0, L - 1, float(dh_max[b]), "extreme"))
+            if self.pairs == "both":
+                i = int(i_hat[b])
+                out.append((b, i, i + 1, float(dh_min[b]), "adjacent"))
+        return out
+
+    def __call__(self, examples: list[dict]) -> dict:
+        pairs = self.select_pairs(examples)
+        seq_examples = [examples[b] for b, *_ in pairs] * 2  # images repeated per sequence
+        answers = ([examples[b]["answers"][w] for b, w, _, _, _ in pairs]
+                   + [examples[b]["answers"][l] for b, _, l, _, _ in pairs])
+        batch = self.build(seq_examples, answers)
+        batch["pair_delta_h"] = torch.tensor([p[3] for p in pairs], dtype=torch.float32)  # (M,)
+        batch["pair_index"] = torch.tensor([p[0] for p in pairs], dtype=torch.long)  # (M,)
+        batch["pair_kind"] = [p[4] for p in pairs]
+        batch["pair_ranks"] = torch.tensor([[p[1], p[2]] for p in pairs], dtype=torch.long)
+        batch["n_pairs"] = len(pairs)
+        return batch

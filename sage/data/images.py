@@ -1,0 +1,90 @@
+"""InternVL image preprocessing (DESIGN §5): RGB, bicubic resize, ImageNet mean/std, tiling.
+
+Without tiling an image becomes one S x S tile. With `dynamic=True` it follows InternVL's
+`dynamic_preprocess`: among the tile grids (cols, rows) with min_tiles <= cols*rows <= max_tiles
+pick the one whose aspect ratio is closest to the image's (ties: the larger grid if the image
+has more than half its pixel area), resize to (cols*S, rows*S), cut into cols*rows tiles in
+raster order, and append a whole-image thumbnail when use_thumbnail and more than one tile.
+
+    pixels = load_image("images/washer/00042.png", 448, dynamic=True)   # (tiles, 3, 448, 448)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def target_ratios(min_tiles: int, max_tiles: int) -> list[tuple[int, int]]:
+    """All tile grids (cols, rows) with min_tiles <= cols*rows <= max_tiles, by tile count."""
+    grids = {(i, j) for n in range(min_tiles, max_tiles + 1)
+             for i in range(1, n + 1) for j in range(1, n + 1) if min_tiles <= i * j <= max_tiles}
+    return sorted(grids, key=lambda g: g[0] * g[1])
+
+
+def closest_grid(width: int, height: int, image_size: int, min_tiles: int = 1,
+                 max_tiles: int = 6) -> tuple[int, int]:
+    """InternVL's find_closest_aspect_ratio: the (cols, rows) grid for a width x height image."""
+    aspect = width / height
+    best, best_diff = (1, 1), float("inf")
+    for cols, rows in target_ratios(min_tiles, max_tiles):
+        diff = abs(aspect - cols / rows)
+        if diff < best_diff:
+            best, best_diff = (cols, rows), diff
+        elif diff == best_diff and width * height > 0.5 * image_size**2 * cols * rows:
+            best = (cols, rows)  # same ratio, and the image is big enough for more tiles
+    return best
+
+
+def dynamic_tiles(image: Image.Image, image_size: int, min_tiles: int = 1, max_tiles: int = 6,
+                  use_thumbnail: bool = False) -> list[Image.Image]:
+    """InternVL's dynamic_preprocess: the S x S tiles of one image (+ thumbnail)."""
+    cols, rows = closest_grid(*image.size, image_size, min_tiles, max_tiles)
+    resized = image.resize((cols * image_size, rows * image_size), Image.BICUBIC)
+    tiles = []
+    for i in range(cols * rows):  # raster order: left to right, then top to bottom
+        x, y = (i % cols) * image_size, (i // cols) * image_size
+        tiles.append(resized.crop((x, y, x + image_size, y + image_size)))
+    if use_thumbnail and len(tiles) != 1:
+        tiles.append(image.resize((image_size, image_size), Image.BICUBIC))
+    return tiles
+
+
+def to_tensor(tile: Image.Image, image_size: int) -> torch.Tensor:
+    """One RGB tile -> normalised (3, S, S) float32: bicubic resize, /255, ImageNet mean/std."""
+    if tile.size != (image_size, image_size):
+        tile = tile.resize((image_size, image_size), Image.BICUBIC)
+    x = torch.from_numpy(np.asarray(tile, dtype=np.float32) / 255.0)  # (S, S, 3)
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (x.permute(2, 0, 1) - mean) / std  # (3, S, S)
+
+
+def open_rgb(image: str | Path | Image.Image) -> Image.Image:
+    """A path or PIL image -> RGB PIL image; errors name the path."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    path = Path(image)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")  # convert() loads the pixels, so decoding errors show here
+    except Exception as e:  # PIL raises many types for a corrupt file
+        raise ValueError(f"cannot decode image {path}: {type(e).__name__}: {e}") from None
+
+
+def load_image(image: str | Path | Image.Image, image_size: int, dynamic: bool = False,
+               max_tiles: int = 6, min_tiles: int = 1,
+               use_thumbnail: bool = False) -> torch.Tensor:
+    """Path or PIL image -> FloatTensor (tiles, 3, S, S), normalised with ImageNet mean/std."""
+    img = open_rgb(image)
+    tiles = (dynamic_tiles(img, image_size, min_tiles, max_tiles, use_thumbnail)
+             if dynamic else [img])
+    return torch.stack([to_tensor(t, image_size) for t in tiles])  # (tiles, 3, S, S)

@@ -1,0 +1,236 @@
+"""The AD-PL style JSONL record format (DESIGN §6) and its validating loader.
+
+One JSON object per line; image paths are relative to the data root (by default the folder of
+the file). Two kinds of files:
+
+    kind "qa"       anomaly QA: level in {standard, identification, diagnosis}, exactly
+                    L = 4 ranked answers (best -> worst), label "yes" | "no", a group id
+    kind "general"  general image-text pairs (pretraining, imported LLaVA data): level
+                    "general", >= 1 answer; group and label optional
+
+Every error names the file, the line number and the field (ValueError); `skip_bad=True`
+skips bad lines instead and reports how many through `report` (default: `warn`).
+
+    records = load_jsonl("data/synthad/train.jsonl", kind="qa", check_images=True)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from PIL import Image
+
+QA_LEVELS = ("standard", "identification", "diagnosis")
+GENERAL_LEVEL = "general"
+N_ANSWERS = 4  # L_N: ranked answers per QA instance (paper §3.3)
+LABELS = ("yes", "no")
+IMAGE_FIELDS = ("test_image", "reference_image")
+
+
+def warn(msg: str) -> None:
+    """The one place library code writes to the terminal: a warning line on stderr."""
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class SkipReport:
+    """What `load_jsonl(..., skip_bad=True)` skipped: count and one message per bad line."""
+
+    path: str
+    n_skipped: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        first = f"; first: {self.errors[0]}" if self.errors else ""
+        return f"{self.path}: skipped {self.n_skipped} bad line(s){first}"
+
+
+def _default_report(rep: SkipReport) -> None:
+    if rep.n_skipped:
+        warn(rep.summary())
+
+
+class RecordError(ValueError):
+    """A bad record: message 'FILE:LINE: field 'F': what was expected'."""
+
+
+def _fail(where: str, fld: str, msg: str) -> None:
+    raise RecordError(f"{where}: field '{fld}': {msg}")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check_image_path(rel: Any, root: Path, where: str, fld: str) -> Path:
+    """A record image path must be relative and stay inside the data root -> absolute path."""
+    if not isinstance(rel, str) or not rel:
+        _fail(where, fld, f"expected a non-empty relative path string, got {rel!r}")
+    if Path(rel).is_absolute():
+        _fail(where, fld, f"image path {rel!r} is absolute; paths are relative to the data "
+                          f"root {root}")
+    # '..' is resolved lexically: a symlinked dataset folder inside the root is allowed
+    root = Path(os.path.abspath(root))
+    full = Path(os.path.normpath(root / rel))
+    if not full.is_relative_to(root):
+        _fail(where, fld, f"image path {rel!r} escapes the data root {root}")
+    return full
+
+
+def check_image_file(full: Path, rel: str, where: str, fld: str) -> None:
+    """The image exists and decodes (PIL `verify` + `load`)."""
+    if not full.is_file():
+        _fail(where, fld, f"image {rel!r} not found (looked at {full})")
+    try:
+        with Image.open(full) as im:
+            im.load()
+    except Exception as e:  # PIL raises many types for a corrupt file
+        _fail(where, fld, f"image {rel!r} cannot be decoded ({type(e).__name__}: {e})")
+
+
+def validate_record(rec: Any, kind: str, root: Path, where: str,
+                    check_images: bool = False) -> dict:
+    """Check one parsed record against DESIGN §6; `where` is 'FILE:LINE'. Returns rec."""
+    if not isinstance(rec, dict):
+        raise RecordError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+
+    def need(fld: str, types: tuple, what: str) -> Any:
+        if fld not in rec:
+            _fail(where, fld, "missing required field")
+        if not isinstance(rec[fld], types) or isinstance(rec[fld], bool):
+            _fail(where, fld, f"expected {what}, got {rec[fld]!r}")
+        return rec[fld]
+
+    def text(fld: str) -> str:
+        v = need(fld, (str,), "a non-empty string")
+        if not v.strip():
+            _fail(where, fld, "expected a non-empty string, got an empty one")
+        return v
+
+    text("id")
+    text("question")
+    answers = need("answers", (list,), "a list of answer strings")
+    if kind == "qa":
+        if len(answers) != N_ANSWERS:
+            _fail(where, "answers", f"expected {N_ANSWERS} ranked answers (best -> worst), "
+                                    f"got {len(answers)}")
+        level = need("level", (str,), "a level string")
+        if level not in QA_LEVELS:
+            _fail(where, "level", f"unknown level {level!r}; expected one of {QA_LEVELS}")
+        text("group")
+        if need("label", (str,), "'yes' or 'no'") not in LABELS:
+            _fail(where, "label", f"expected 'yes' or 'no', got {rec['label']!r}")
+    elif kind == "general":
+        if len(answers) < 1:
+            _fail(where, "answers", "expected at least 1 answer, got 0")
+        if need("level", (str,), "a level string") != GENERAL_LEVEL:
+            _fail(where, "level", f"expected {GENERAL_LEVEL!r} in a kind 'general' file, "
+                                  f"got {rec['level']!r}")
+        if "label" in rec and rec["label"] is not None and rec["label"] not in LABELS:
+            _fail(where, "label", f"expected 'yes', 'no' or null, got {rec['label']!r}")
+    else:
+        raise ValueError(f"kind={kind!r}: expected 'qa' or 'general'")
+    for i, a in enumerate(answers):
+        if not isinstance(a, str) or not a.strip():
+            _fail(where, f"answers[{i}]", f"expected a non-empty string, got {a!r}")
+
+    # images: test_image required, reference_image optional (null -> zero-shot only)
+    if "test_image" not in rec:
+        _fail(where, "test_image", "missing required field")
+    for fld in IMAGE_FIELDS:
+        rel = rec.get(fld)
+        if rel is None and fld == "reference_image":
+            continue
+        full = check_image_path(rel, root, where, fld)
+        if check_images:
+            check_image_file(full, rel, where, fld)
+
+    for fld in ("category", "source", "group"):
+        if rec.get(fld) is not None and not isinstance(rec[fld], str):
+            _fail(where, fld, f"expected a string, got {rec[fld]!r}")
+    facts = rec.get("facts")
+    if facts is not None:
+        if not isinstance(facts, list):
+            _fail(where, "facts", f"expected a list of sentences, got {facts!r}")
+        for i, s in enumerate(facts):
+            if not isinstance(s, str) or not s.strip():
+                _fail(where, f"facts[{i}]", f"expected a non-empty string, got {s!r}")
+    mle = rec.get("mle")
+    if mle is not None:
+        # Eq. 3: per answer (type, location, logic) judge sub-scores on a 1-5 scale
+        if not isinstance(mle, list) or len(mle) != len(answers):
+            _fail(where, "mle", f"expected {len(answers)} rows (one per answer) of 3 sub-scores, "
+                                f"got {mle!r}")
+        for i, row in enumerate(mle):
+            if (not isinstance(row, list) or len(row) != 3
+                    or not all(_is_int(s) and 1 <= s <= 5 for s in row)):
+                _fail(where, f"mle[{i}]", f"expected 3 integers in 1..5 (type, location, "
+                                          f"logic), got {row!r}")
+    truth = rec.get("truth")
+    if truth is not None and not isinstance(truth, dict):
+        _fail(where, "truth", f"expected an object, got {truth!r}")
+    return rec
+
+
+def load_jsonl(path: str | Path, kind: str = "qa", skip_bad: bool = False,
+               check_images: bool = False, root: str | Path | None = None,
+               report: Callable[[SkipReport], None] | None = None) -> list[dict]:
+    """Read and validate a JSONL file of records (DESIGN §6) -> list of dicts.
+
+    root: data root of the image paths (default: the file's folder).
+    check_images: also open every image (exists and decodes).
+    skip_bad: skip bad lines instead of raising; `report(SkipReport)` is then called once
+        (default `warn`s a one-line summary when anything was skipped).
+    Raises ValueError 'FILE:LINE: field 'F': ...' on the first bad line otherwise; ids must
+    be unique within the file.
+    """
+    if kind not in ("qa", "general"):
+        raise ValueError(f"kind={kind!r}: expected 'qa' or 'general'")
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such JSONL file")
+    root = Path(root) if root is not None else path.parent
+    rep = SkipReport(str(path))
+    records, seen = [], {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise RecordError(f"{where}: malformed JSON (column {e.colno}): "
+                                      f"{e.msg}") from None
+                validate_record(rec, kind, root, where, check_images)
+                if rec["id"] in seen:
+                    _fail(where, "id", f"duplicate id {rec['id']!r} (first on line "
+                                       f"{seen[rec['id']]})")
+            except RecordError as e:
+                if not skip_bad:
+                    raise
+                rep.n_skipped += 1
+                rep.errors.append(str(e))
+                continue
+            seen[rec["id"]] = lineno
+            records.append(rec)
+    if skip_bad:
+        (report or _default_report)(rep)
+    return records
+
+
+def write_jsonl(records: list[dict], path: str | Path) -> None:
+    """Write records one per line, atomically (temporary file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    tmp.replace(path)

@@ -1,0 +1,279 @@
+"""Offline fact sentences for SFE (paper §3.2, DESIGN §1 step 3) and their cache.
+
+The pretrained VLM answers each fixed prompt of sage.data.prompts.FACT_PROMPTS about the test
+image (plain prompt, no facts, no reference); each answer is split into sentences and the
+first N sentences over all prompts, in prompt order, are the image's facts s_1..s_N. The
+asker is either a local SageModel (`--model DIR`, batched `model.generate`) or an
+OpenAI-compatible VLM endpoint (`--openai`: images sent as base64 PNG data URLs; the endpoint
+and key come from --base-url / OPENAI_BASE_URL and OPENAI_API_KEY; the key is never logged).
+
+Cache: JSONL, one line per test image, keyed by the record's test_image path:
+    {"test_image": "images/washer/00042.png", "facts": ["...", ...], "source": "openai:gpt-4o"}
+Each image's line is appended and flushed as soon as it is answered, so an interrupted run
+resumes where it stopped; a cached image is never asked again.
+
+    python -m sage.facts --data data/train.jsonl --out data/facts.jsonl --model weights/base
+    python -m sage.facts --data data/train.jsonl --out data/facts.jsonl --openai \\
+        --model-name gpt-4o --n-facts 8 --fill        # writes data/train.facts.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import dataclasses
+import io
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+from sage.data.prompts import FACT_PROMPTS
+from sage.data.schema import load_jsonl, warn, write_jsonl
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def split_sentences(text: str) -> list[str]:
+    """Split an answer into sentences at . ! ? followed by whitespace; drop empty pieces."""
+    return [s.strip() for s in _SENTENCE_END.split(text.strip()) if s.strip()]
+
+
+def select_facts(answers: list[str], n_facts: int) -> list[str]:
+    """The first n_facts sentences over the prompts' answers, in prompt order."""
+    return [s for a in answers for s in split_sentences(a)][:n_facts]
+
+
+# ----------------------------------------------------------------------------- cache
+
+class FactCache:
+    """Append-only JSONL cache: test image path -> fact sentences."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.entries: dict[str, dict] = {}
+        # a run killed mid-write leaves a last line without "\n": the next append starts anew
+        self._newline_first = False
+        if self.path.is_file():
+            raw = self.path.read_bytes()
+            self._newline_first = bool(raw) and not raw.endswith(b"\n")
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+            for lineno, line in enumerate(lines, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    e = json.loads(line)
+                except json.JSONDecodeError:
+                    if lineno == len(lines):  # a run killed mid-write: that image is re-asked
+                        warn(f"{self.path}:{lineno}: ignoring a truncated last line")
+                        continue
+                    raise ValueError(f"{self.path}:{lineno}: malformed JSON in the fact "
+                                     "cache") from None
+                if not isinstance(e, dict) or not isinstance(e.get("test_image"), str) \
+                        or not isinstance(e.get("facts"), list):
+                    raise ValueError(f"{self.path}:{lineno}: field 'test_image'/'facts': "
+                                     "expected {\"test_image\": str, \"facts\": [str]}")
+                self.entries[e["test_image"]] = e
+
+    def __contains__(self, image: str) -> bool:
+        return image in self.entries
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def facts(self, image: str) -> list[str]:
+        return self.entries[image]["facts"]
+
+    def add(self, image: str, facts: list[str], source: str) -> None:
+        """Append one image's facts and flush them to disk at once."""
+        entry = {"test_image": image, "facts": facts, "source": source}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            if self._newline_first:
+                f.write("\n")
+                self._newline_first = False
+            f.write(json.dumps(entry, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.entries[image] = entry
+
+
+# ----------------------------------------------------------------------------- askers
+
+def model_asker(model, root: Path, max_new_tokens: int = 128) -> Callable:
+    """Batched local asker: list of test image paths -> per image, the answers to FACT_PROMPTS.
+
+    `model` exposes `cfg` (SageConfig), `tokenizer` and `generate(batch, max_new_tokens)` as
+    SageModel does. The prompts are plain VLM prompts (facts_mode "none", zero-shot).
+    """
+    from sage.data.collate import Collator
+    from sage.data.images import load_image
+
+    tok = model.tokenizer
+    if tok is None:
+        raise ValueError("the model has no tokenizer (tokenizer.model missing in its directory)")
+    # the base VLM answers without facts: its prompts carry no <FACT_CONTEXT>
+    cfg = dataclasses.replace(model.cfg, facts_mode="none")
+    if getattr(model, "cfg", None) is not None:
+        model.cfg = cfg
+    collate = Collator(tok, cfg, facts_mode="none", for_generation=True)
+    params = list(model.parameters()) if hasattr(model, "parameters") else []
+    device = params[0].device if params else torch.device("cpu")
+    stops = set(getattr(tok, "stop_ids", ()))
+
+    def ask(images: list[str]) -> list[list[str]]:
+        examples = []
+        for img in images:
+            pix = load_image(root / img, cfg.vision.image_size, dynamic=cfg.dynamic_image_size,
+                             max_tiles=cfg.max_dynamic_patch, min_tiles=cfg.min_dynamic_patch,
+                             use_thumbnail=cfg.use_thumbnail)
+            examples += [{"id": f"{img}#{k}", "question": q, "pixel_test": pix}
+                         for k, q in enumerate(FACT_PROMPTS)]
+        batch = collate(examples)
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        out = model.generate(batch, max_new_tokens=max_new_tokens)  # (B, n_new)
+        texts = []
+        for row in out.tolist():
+            cut = next((i for i, t in enumerate(row) if t in stops), len(row))
+            texts.append(tok.decode(row[:cut]).strip())
+        P = len(FACT_PROMPTS)
+        return [texts[i * P:(i + 1) * P] for i in range(len(images))]
+
+    return ask
+
+
+def image_data_url(path: Path) -> str:
+    """An image file as a base64 PNG data URL."""
+    from sage.data.images import open_rgb
+
+    buf = io.BytesIO()
+    open_rgb(path).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def openai_asker(root: Path, model_name: str = "gpt-4o", base_url: str | None = None,
+                 max_tokens: int = 256) -> Callable:
+    """Asker over an OpenAI-compatible chat endpoint; one request per image and prompt."""
+    import openai
+
+    base_url = base_url or os.environ.get("OPENAI_BASE_URL")
+    key = os.environ.get("OPENAI_API_KEY")
+    if not key:
+        if not base_url:
+            raise ValueError("--openai needs OPENAI_API_KEY (or --base-url for a local "
+                             "endpoint that takes no key)")
+        key = "EMPTY"  # local OpenAI-compatible servers accept any key
+    client = openai.OpenAI(api_key=key, base_url=base_url)
+
+    def ask(images: list[str]) -> list[list[str]]:
+        out = []
+        for img in images:
+            url = image_data_url(root / img)
+            answers = []
+            for q in FACT_PROMPTS:
+                r = client.chat.completions.create(
+                    model=model_name, temperature=0.0, max_tokens=max_tokens,
+                    messages=[{"role": "user", "content": [
+                        {"type": "image_url", "image_url": {"url": url}},
+                        {"type": "text", "text": q}]}])
+                answers.append(r.choices[0].message.content or "")
+            out.append(answers)
+        return out
+
+    return ask
+
+
+# ----------------------------------------------------------------------------- driver
+
+def collect_facts(images: Iterable[str], cache: FactCache, ask: Callable | None, source: str,
+                  n_facts: int, batch_size: int = 1) -> int:
+    """Ask about every image not yet cached, `batch_size` images per call -> number asked."""
+    todo = [im for im in dict.fromkeys(images) if im not in cache]
+    if todo and ask is None:
+        raise ValueError(f"{len(todo)} test image(s) have no cached facts (e.g. {todo[0]!r}); "
+                         "pass --model DIR or --openai to produce them")
+    n_short = 0
+    for i in range(0, len(todo), batch_size):
+        chunk = todo[i:i + batch_size]
+        for img, answers in zip(chunk, ask(chunk)):
+            facts = select_facts(answers, n_facts)
+            n_short += len(facts) < n_facts
+            cache.add(img, facts, source)
+    if n_short:
+        warn(f"{n_short} image(s) got fewer than {n_facts} fact sentences")
+    return len(todo)
+
+
+def fill_records(records: list[dict], cache: FactCache, n_facts: int, out: Path) -> None:
+    """Write records with field 'facts' = the cached first n_facts sentences of their image."""
+    filled = []
+    for r in records:
+        if r["test_image"] not in cache:
+            raise ValueError(f"record {r['id']!r}: test_image {r['test_image']!r} has no facts "
+                             f"in {cache.path}")
+        filled.append({**r, "facts": cache.facts(r["test_image"])[:n_facts]})
+    write_jsonl(filled, out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m sage.facts", description=__doc__.split("\n")[0])
+    # data
+    p.add_argument("--data", required=True, help="JSONL records whose test images get facts")
+    p.add_argument("--kind", default="qa", choices=("qa", "general"), help="record kind")
+    p.add_argument("--out", required=True, help="fact cache (JSONL), appended to")
+    p.add_argument("--n-facts", type=int, default=8, help="N: fact sentences kept per image")
+    p.add_argument("--fill", nargs="?", const="", default=None,
+                   help="also write the records with their 'facts' to this JSONL (default "
+                        "<data>.facts.jsonl beside --data)")
+    # asker
+    p.add_argument("--model", default=None, help="local SageModel directory (InternVL2 layout)")
+    p.add_argument("--openai", action="store_true", help="ask an OpenAI-compatible endpoint")
+    p.add_argument("--model-name", default="gpt-4o", help="endpoint model name (--openai)")
+    p.add_argument("--base-url", default=None, help="endpoint URL (default: OPENAI_BASE_URL)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="answer length per prompt")
+    # runtime
+    p.add_argument("--batch-size", type=int, default=4, help="images per generate call (--model)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="device of the local model")
+    p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32",
+                   help="dtype of the local model")
+    a = p.parse_args(argv)
+    if a.model and a.openai:
+        p.error("give either --model DIR or --openai, not both")
+
+    data = Path(a.data)
+    records = load_jsonl(data, kind=a.kind)
+    root = data.parent
+    cache = FactCache(a.out)
+    ask, source = None, ""
+    todo = [r["test_image"] for r in records if r["test_image"] not in cache]
+    if todo and a.model:
+        import sage
+
+        model = sage.load_pretrained(a.model, dtype=getattr(torch, a.dtype), device=a.device)
+        model.eval()
+        ask, source = model_asker(model, root, a.max_new_tokens), f"model:{a.model}"
+    elif todo and a.openai:
+        ask = openai_asker(root, a.model_name, a.base_url, a.max_new_tokens)
+        source = f"openai:{a.model_name}"
+    try:
+        n = collect_facts((r["test_image"] for r in records), cache, ask, source, a.n_facts,
+                          a.batch_size if a.model else 1)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    print(f"facts: {n} image(s) asked, {len(cache)} cached in {a.out}")
+    if a.fill is not None:
+        out = Path(a.fill) if a.fill else data.with_name(data.stem + ".facts.jsonl")
+        if Path(os.path.abspath(out.parent)) != Path(os.path.abspath(data.parent)):
+            sys.exit(f"error: --fill {out} must be in the folder of --data ({data.parent}) so "
+                     "the records' relative image paths keep their data root")
+        fill_records(records, cache, a.n_facts, out)
+        print(f"wrote {len(records)} records with facts to {out}")
+
+
+if __name__ == "__main__":
+    main()
