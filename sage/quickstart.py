@@ -1,0 +1,84 @@
+"""The main job on the embedded default: SynthAD -> SFE -> E-DPO -> evaluation, tiny model, CPU.
+
+    python -m sage.quickstart                  # README's main command (target <= 10 min, 2 cores)
+    python -m sage.quickstart --fast           # a few steps of everything (tests use this)
+
+Steps, each the documented command of its stage run in a subprocess:
+  1. python -m sage.data.synthad            generate the benchmark (skipped if already there)
+  2. python -m sage.facts --model BASE      fact sentences from the pretrained base VLM
+  3. python -m sage.mle score --judge oracle   judge sub-scores of the E-DPO answers (Eq. 3)
+  4. python train_sfe.py                    Stage 1 (Fact[FE]) from weights/sage-tiny-base
+  5. python train_edpo.py                   Stage 2 (E-DPO) from the SFE export
+  6. python evaluate.py                     Base vs SFE vs SFE+E-DPO on test_unseen, both settings
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]  # the checkout: the scripts live at its top level
+
+
+def run(cmd: list[str], log: Path) -> None:
+    """Run one stage, echo its output to the terminal and to `log`; stop on failure."""
+    print(f"\n$ {' '.join(cmd)}", flush=True)
+    t = time.time()
+    with open(log, "a") as f:
+        f.write(f"\n$ {' '.join(cmd)}\n")
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            f.write(line)
+        if proc.wait():
+            raise SystemExit(f"stage failed (exit {proc.returncode}): {' '.join(cmd)}; "
+                             f"log: {log}")
+    print(f"[{time.time() - t:.0f} s]", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--data", default="data/synthad", help="SynthAD directory")
+    p.add_argument("--base", default="weights/sage-tiny-base", help="pretrained base VLM")
+    p.add_argument("--out", default="runs/quickstart", help="run directory")
+    p.add_argument("--seed", type=int, default=0, help="data and training seed")
+    p.add_argument("--sfe_steps", type=int, default=150, help="Stage 1 optimizer steps")
+    p.add_argument("--edpo_steps", type=int, default=40, help="Stage 2 optimizer steps")
+    p.add_argument("--scale", type=float, default=1.0, help="SynthAD size multiplier")
+    p.add_argument("--fast", action="store_true", help="tiny sizes and 2 steps each (smoke)")
+    args = p.parse_args(argv)
+    if args.fast:
+        args.sfe_steps, args.edpo_steps, args.scale = 2, 2, 0.05
+    py, out, data = sys.executable, Path(args.out), Path(args.data)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "quickstart.log"
+    t0 = time.time()
+    limit = ["--limit", "20"] if args.fast else []
+    if not (data / "manifest.json").exists():
+        run([py, "-m", "sage.data.synthad", "--out", str(data), "--seed", str(args.seed),
+             "--scale", str(args.scale)], log)
+    for split in ("sfe_train", "edpo_train", "test_unseen"):
+        run([py, "-m", "sage.facts", "--data", str(data / f"{split}.jsonl"),
+             "--out", str(data / "facts_base.jsonl"), "--model", args.base, "--fill"], log)
+    run([py, "-m", "sage.mle", "score", "--data", str(data / "edpo_train.jsonl"),
+         "--judge", "oracle", "--in-place"], log)
+    run([py, "train_sfe.py", "--init", args.base, "--data", str(data), "--out",
+         str(out / "sfe"), "--max_steps", str(args.sfe_steps), "--seed", str(args.seed)], log)
+    run([py, "train_edpo.py", "--init", str(out / "sfe" / "export"), "--data", str(data),
+         "--out", str(out / "edpo"), "--max_steps", str(args.edpo_steps),
+         "--seed", str(args.seed)], log)
+    run([py, "evaluate.py", "--model", args.base, str(out / "sfe" / "export"),
+         str(out / "edpo" / "export"), "--names", "Base", "SFE", "SFE+E-DPO",
+         "--data", str(data), "--split", "test_unseen", "--setting", "both",
+         "--out", str(out / "eval"), *limit], log)
+    print(f"\nquickstart done in {time.time() - t0:.0f} s; report: {out / 'eval' / 'report.md'}")
+
+
+if __name__ == "__main__":
+    main()

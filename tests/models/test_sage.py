@@ -1,0 +1,138 @@
+"""SageModel: shapes and masks (single/multi-tile, zero/one-shot, facts fe/hard/none), gradient
+routing, placeholder errors, cached vs uncached and batched vs one-by-one generation.
+Run: python -m pytest -q tests/models/test_sage.py"""
+
+import dataclasses
+
+import pytest
+import torch
+
+from sage.config import LLMConfig, SageConfig, VisionConfig
+from sage.data.collate import Collator
+from sage.models.sage import SageModel, masked_mean, split_by_tiles
+from sage.tokenizer import Tokenizer
+
+CORPUS = ["Is there a scratch on the washer?", "Yes. There is a scratch at the top-left.",
+          "No. The capsule looks normal.", "Washers often show scratches and stains.",
+          "A normal washer is a flat ring."]
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory) -> Tokenizer:
+    d = tmp_path_factory.mktemp("tok")
+    (d / "corpus.txt").write_text("\n".join(CORPUS * 20) + "\n")
+    return Tokenizer.train(d / "corpus.txt", d / "tok", vocab_size=300)
+
+
+def micro_cfg(tok, **kw) -> SageConfig:
+    """56 px tiles, 14 px patches -> 4x4 patches -> 4 LLM tokens per tile."""
+    return SageConfig(
+        vision=VisionConfig(image_size=56, patch_size=14, dim=32, n_layers=2, n_heads=2,
+                            ffn_dim=64),
+        llm=LLMConfig(vocab_size=tok.vocab_size, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                      ffn_dim=64, max_seq_len=512),
+        n_facts=2, top_k=3, fusion_heads=2, max_fact_tokens=8, **kw)
+
+
+def build(tok, seed=0, **kw) -> SageModel:
+    torch.manual_seed(seed)
+    model = SageModel(micro_cfg(tok, **kw))
+    model.init_weights()
+    torch.nn.init.normal_(model.fact_proj.fc.weight, std=0.02)  # let t^s reach the LLM
+    model.tokenizer = tok
+    for p in model.vision.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def example(i, gen, tiles=1, ref_tiles=1, one_shot=True):
+    return {"id": f"ex{i}", "question": "Is there a scratch on the washer?" + " Yes." * i,
+            "answers": ["Yes. There is a scratch.", "Yes.", "No.", "No. It is normal."],
+            "facts": ["Washers often show scratches.", "A normal washer is a flat ring."],
+            "pixel_test": torch.randn(tiles, 3, 56, 56, generator=gen),
+            "pixel_ref": torch.randn(ref_tiles, 3, 56, 56, generator=gen) if one_shot else None}
+
+
+@pytest.mark.parametrize("mode", ["fe", "hard", "none"])
+@pytest.mark.parametrize("one_shot", [True, False])
+def test_forward_shapes_all_modes(tok, gen, mode, one_shot):
+    model = build(tok, facts_mode=mode)
+    exs = [example(i, gen, one_shot=one_shot) for i in range(2)]
+    batch = Collator(tok, model.cfg)(exs)
+    logits, loss_sum, n_tok = model(batch)
+    assert logits.shape == (*batch["input_ids"].shape, tok.vocab_size)
+    assert (batch["input_ids"] == tok.fact_context_id).sum() == (4 if mode == "fe" else 0)
+    assert (batch["input_ids"] == tok.img_context_id).sum() == 2 * 4
+    assert torch.isfinite(loss_sum).all() and (n_tok > 0).all()
+
+
+def test_multi_tile_images_and_mixed_tile_counts(tok, gen):
+    model = build(tok)
+    exs = [example(0, gen, tiles=3, ref_tiles=2), example(1, gen, tiles=1, ref_tiles=1)]
+    batch = Collator(tok, model.cfg)(exs)
+    assert (batch["input_ids"][0] == tok.img_context_id).sum() == 12  # 3 tiles x 4 tokens
+    assert (batch["input_ids"][1] == tok.img_context_id).sum() == 4
+    logits, loss_sum, _ = model(batch)
+    # one by one gives the same loss: padding never enters selection or fusion
+    for b, ex in enumerate(exs):
+        _, alone, _ = model(Collator(tok, model.cfg)([ex]))
+        torch.testing.assert_close(loss_sum[b], alone[0], atol=1e-4, rtol=1e-5)
+
+
+def test_split_by_tiles_and_masked_mean():
+    v = torch.arange(5 * 2 * 1, dtype=torch.float32).view(5, 2, 1)  # 5 tiles x 2 tokens
+    padded, mask = split_by_tiles(v, torch.tensor([3, 2]))
+    assert padded.shape == (2, 6, 1) and mask.sum(1).tolist() == [6, 4]
+    assert padded[1, :4, 0].tolist() == [6, 7, 8, 9]
+    x = torch.tensor([[[1.0], [3.0], [100.0]]])
+    assert masked_mean(x, torch.tensor([[1, 1, 0]]))[0, 0] == 2.0
+    assert masked_mean(x, torch.zeros(1, 3)).abs().sum() == 0  # all-pad sentence -> zeros
+
+
+def test_gradients_reach_trainable_modules_not_frozen_vit(tok, gen):
+    model = build(tok)
+    batch = Collator(tok, model.cfg)([example(i, gen) for i in range(2)])
+    _, loss_sum, _ = model(batch)
+    loss_sum.sum().backward()
+    for name in ("adapter.fc1.weight", "fusion.q_proj.weight", "fusion.k_proj.weight",
+                 "fusion.v_proj.weight", "fact_proj.fc.weight", "llm.layers.0.mlp.up_proj.weight",
+                 "llm.embed_tokens.weight"):
+        grad = dict(model.named_parameters())[name].grad
+        assert grad is not None and grad.abs().sum() > 0, name
+    assert all(p.grad is None for p in model.vision.parameters())
+
+
+def test_zero_shot_uses_all_test_tokens_as_keys_and_values(tok, gen):
+    model = build(tok)
+    batch = Collator(tok, model.cfg)([example(0, gen, one_shot=False)])
+    seen = {}
+    model.fusion.register_forward_hook(lambda m, a, o: seen.update(keys=a[1], values=a[2]))
+    model(batch)
+    v_t = model.encode_images(batch["pixel_test"])  # (1, 4, C)
+    torch.testing.assert_close(seen["keys"], v_t)
+    assert seen["values"] is seen["keys"]
+
+
+def test_placeholder_count_mismatch_is_a_clear_error(tok, gen):
+    model = build(tok)
+    batch = Collator(tok, model.cfg)([example(0, gen)])
+    batch["input_ids"][0, (batch["input_ids"][0] == tok.img_context_id).nonzero()[0]] = 5
+    with pytest.raises(ValueError, match="IMG_CONTEXT"):
+        model(batch)
+    bad = build(tok, facts_mode="none")
+    with pytest.raises(ValueError, match="FACT_CONTEXT"):
+        bad(Collator(tok, dataclasses.replace(bad.cfg, facts_mode="fe"))([example(0, gen)]))
+
+
+def test_generation_cache_and_batching(tok, gen):
+    model = build(tok).eval()
+    exs = [example(i, gen) for i in range(3)]  # different question lengths -> left padding
+    collate = Collator(tok, model.cfg, for_generation=True)
+    batch = collate(exs)
+    cached = model.generate(batch, max_new_tokens=6)
+    uncached = model.generate(batch, max_new_tokens=6, use_cache=False)
+    assert torch.equal(cached, uncached)
+    for b, ex in enumerate(exs):
+        alone = model.generate(collate([ex]), max_new_tokens=6)[0]
+        n = alone.shape[0]
+        assert torch.equal(cached[b, :n], alone), b
