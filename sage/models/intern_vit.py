@@ -233,8 +233,9 @@ class InternViT(nn.Module):
                         device: torch.device | str | None = None) -> "InternViT":
         """Load a plain InternViT Hugging Face directory (config.json + *.safetensors).
 
-        Built on the meta device, materialised on `device` (default CPU) in `dtype` (default
-        torch's default dtype), filled strictly by sage.checkpoint.load_into; returned in eval().
+        Built on the meta device; sage.checkpoint.load_into checks every key and shape first,
+        then materialises on `device` (default CPU) in `dtype` (default: torch's default dtype)
+        and streams the tensors in. Returned in eval() mode (drop path off).
         """
         from sage.checkpoint import INTERNVIT_KEY_MAP, load_into  # checkpoint imports models
 
@@ -248,7 +249,5 @@ class InternViT(nn.Module):
         cfg = vision_config_from_dict(raw, source=str(file))
         with torch.device("meta"):
             model = cls(cfg)
-        model.to(dtype=dtype or torch.get_default_dtype())  # on meta: free
-        model.to_empty(device=device or "cpu")
-        load_into(model, directory, INTERNVIT_KEY_MAP, dtype=dtype, strict=True)
+        load_into(model, directory, INTERNVIT_KEY_MAP, dtype=dtype, strict=True, device=device)
         return model.eval()
