@@ -1,4 +1,5 @@
-"""Checks sage/losses.py (Eq. 3-8) against hand-worked numbers and naive loops: pytest -q tests/test_losses.py"""
+"""Checks sage/losses.py (Eq. 3-8) against hand-worked numbers and naive loops.
+Run: python -m pytest -q tests/test_losses.py"""
 
 import math
 
