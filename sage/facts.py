@@ -14,7 +14,7 @@ resumes where it stopped; a cached image is never asked again.
 
     python -m sage.facts --data data/train.jsonl --out data/facts.jsonl --model weights/base
     python -m sage.facts --data data/train.jsonl --out data/facts.jsonl --openai \\
-        --model-name gpt-4o --n-facts 8 --fill        # writes data/train.facts.jsonl
+        --model-name gpt-4o --n-facts 8 --fill        # adds "facts" to data/train.jsonl
 """
 
 from __future__ import annotations
@@ -56,11 +56,12 @@ class FactCache:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.entries: dict[str, dict] = {}
-        # a run killed mid-write leaves a last line without "\n": the next append starts anew
-        self._newline_first = False
+        # a run killed mid-write leaves a last line without "\n": the next append cuts it off
+        self._truncate_at = None
         if self.path.is_file():
             raw = self.path.read_bytes()
-            self._newline_first = bool(raw) and not raw.endswith(b"\n")
+            if raw and not raw.endswith(b"\n"):
+                self._truncate_at = raw.rfind(b"\n") + 1
             lines = self.path.read_text(encoding="utf-8").splitlines()
             for lineno, line in enumerate(lines, start=1):
                 if not line.strip():
@@ -92,10 +93,10 @@ class FactCache:
         """Append one image's facts and flush them to disk at once."""
         entry = {"test_image": image, "facts": facts, "source": source}
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self._truncate_at is not None:
+            os.truncate(self.path, self._truncate_at)
+            self._truncate_at = None
         with open(self.path, "a", encoding="utf-8") as f:
-            if self._newline_first:
-                f.write("\n")
-                self._newline_first = False
             f.write(json.dumps(entry, ensure_ascii=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
@@ -227,8 +228,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True, help="fact cache (JSONL), appended to")
     p.add_argument("--n-facts", type=int, default=8, help="N: fact sentences kept per image")
     p.add_argument("--fill", nargs="?", const="", default=None,
-                   help="also write the records with their 'facts' to this JSONL (default "
-                        "<data>.facts.jsonl beside --data)")
+                   help="also write the records with their 'facts' field: to this JSONL beside "
+                        "--data, or with no value back into --data (temporary file + rename)")
     # asker
     p.add_argument("--model", default=None, help="local SageModel directory (InternVL2 layout)")
     p.add_argument("--openai", action="store_true", help="ask an OpenAI-compatible endpoint")
@@ -267,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: {e}")
     print(f"facts: {n} image(s) asked, {len(cache)} cached in {a.out}")
     if a.fill is not None:
-        out = Path(a.fill) if a.fill else data.with_name(data.stem + ".facts.jsonl")
+        out = Path(a.fill) if a.fill else data
         if Path(os.path.abspath(out.parent)) != Path(os.path.abspath(data.parent)):
             sys.exit(f"error: --fill {out} must be in the folder of --data ({data.parent}) so "
                      "the records' relative image paths keep their data root")

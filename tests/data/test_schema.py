@@ -1,5 +1,5 @@
-"""JSONL record validation (DESIGN §6): every bad input names file, line and field; skip_bad counts.
-Run: python -m pytest -q tests/data/test_schema.py"""
+"""JSONL record validation (DESIGN §6): each bad input names file, line and field; skip_bad
+counts. Run: python -m pytest -q tests/data/test_schema.py"""
 
 import json
 
