@@ -30,8 +30,7 @@ import torch
 
 from sage.config import SageConfig
 from sage.data.prompts import build_user_message
-
-IGNORE_INDEX = -100
+from sage.losses import IGNORE_INDEX, answer_entropy, mle_score, select_edpo_pairs
 
 
 def pad_sequences(seqs: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
@@ -157,8 +156,6 @@ class EDPOCollator(Collator):
 
     def select_pairs(self, examples: list[dict]) -> list[tuple[int, int, int, float, str]]:
         """-> [(instance, rank_w, rank_l, delta_h, kind)] in instance order (Eq. 3-5)."""
-        from sage.losses import answer_entropy, mle_score, select_edpo_pairs
-
         for ex in examples:
             if ex.get("mle") is None:
                 raise ValueError(f"record {ex.get('id')!r} has no 'mle' judge scores: run "
