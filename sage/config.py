@@ -337,6 +337,10 @@ def _llm_from(llm: _Reader) -> LLMConfig:
     rope_scaling = llm.take("rope_scaling", None)
     _check(rope_scaling is None, f"{llm.source}: {llm.prefix}rope_scaling={rope_scaling}: "
            "RoPE scaling is not implemented")
+    # transformers >= 5 writes {"rope_type": "default", "rope_theta": ...} instead of rope_theta
+    rope = llm.take("rope_parameters", None) or {}
+    _check(rope.get("rope_type", "default") == "default", f"{llm.source}: {llm.prefix}"
+           f"rope_parameters={rope}: RoPE scaling is not implemented")
     hidden_act = llm.take("hidden_act", "silu")
     _check(hidden_act == "silu", f"{llm.source}: {llm.prefix}hidden_act={hidden_act!r}: "
            "only 'silu' (SwiGLU) is supported")
@@ -348,7 +352,7 @@ def _llm_from(llm: _Reader) -> LLMConfig:
         n_kv_heads=llm.take("num_key_value_heads", llm.section.get("num_attention_heads")),
         ffn_dim=llm.take("intermediate_size"),
         norm_eps=llm.take("rms_norm_eps"),
-        rope_theta=float(llm.take("rope_theta", 10000.0)),
+        rope_theta=float(llm.take("rope_theta", rope.get("rope_theta", 10000.0))),
         max_seq_len=llm.take("max_position_embeddings"),
         tie_embeddings=llm.take("tie_word_embeddings", False),
     )
