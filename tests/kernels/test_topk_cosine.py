@@ -24,9 +24,10 @@ try:
 except ImportError:
     HAS_TRITON = False
 
-needs_triton = pytest.mark.skipif(not (HAS_TRITON and FRESH_TRITON),
-                                  reason="triton missing, or imported before TRITON_INTERPRET was set"
-                                  " (then test_triton_in_fresh_process runs these)")
+needs_triton = pytest.mark.skipif(
+    not (HAS_TRITON and FRESH_TRITON),
+    reason="triton missing, or imported before TRITON_INTERPRET was set (then "
+           "test_triton_in_fresh_process runs these)")
 IMPLS = ["torch", pytest.param("triton", marks=needs_triton)]
 FP32_TOL = 1e-5  # fp32 accumulation over C <= 64 terms of unit-norm rows
 BF16_TOL = 2e-2  # bf16 rounding of the inputs (2**-9 relative per element) moves cos by < 2e-2
