@@ -16,3 +16,8 @@ def tiny_cfg() -> SageConfig:
 def gen() -> torch.Generator:
     """A CPU generator seeded with 0; pass it to every random draw of a test."""
     return torch.Generator().manual_seed(0)
+
+
+# One intra-op thread: on a shared 2-core machine, more threads make tiny models many times
+# slower from contention (measured: ~15x for tiny generation), and CI runs on 2 cores.
+torch.set_num_threads(1)

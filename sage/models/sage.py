@@ -182,7 +182,12 @@ class SageModel(nn.Module):
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> logits (B, T, V), Eq. 8 answer cross-entropy summed per example (B,), answer tokens (B,)."""
         x = self.assemble(batch)
-        logits = self.llm(inputs_embeds=x, attention_mask=batch["attention_mask"])
+        mask = batch["attention_mask"]
+        # Right padding (training batches) cannot change a causal model's outputs at real
+        # tokens: drop the mask so SDPA takes its fused causal path.
+        if bool((mask[:, 1:] <= mask[:, :-1]).all()):
+            mask = None
+        logits = self.llm(inputs_embeds=x, attention_mask=mask)
         if "labels" not in batch:
             return logits, None, None
         loss_sum, n_tokens = answer_cross_entropy(logits, batch["labels"])
