@@ -1,6 +1,8 @@
 """Batching: right/left padding, answer-only labels, placeholder counts, facts, E-DPO pair layout.
 Run: python -m pytest -q tests/data/test_collate.py"""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -153,3 +155,33 @@ def test_edpo_pairs_one_forward_layout(tok, cfg):
     del e1["mle"]
     with pytest.raises(ValueError, match="'ex1' has no 'mle'.*sage.mle score"):
         EDPOCollator(tok, cfg)([e0, e1])
+
+
+def test_datasets_feed_the_collator(tok, cfg, tmp_path):
+    from PIL import Image
+
+    from sage.data.datasets import EDPODataset, GeneralDataset, SFEDataset
+
+    Image.new("RGB", (300, 100), (9, 9, 9)).save(tmp_path / "t.png")
+    Image.new("RGB", (50, 50), (9, 9, 9)).save(tmp_path / "r.png")
+    rec = {"id": "a", "test_image": "t.png", "reference_image": "r.png", "question": "Any?",
+           "answers": ["Yes. best.", "Yes.", "No.", "No. worst."], "label": "yes",
+           "facts": ["One.", "Two.", "Three."], "mle": [[5, 5, 5], [4, 4, 4], [2, 2, 2],
+                                                         [1, 1, 1]]}
+    ex = SFEDataset([rec], tmp_path, cfg)[0]
+    assert ex["answer"] == "Yes. best." and ex["pixel_test"].shape == (1, 3, 224, 224)
+    assert ex["pixel_ref"].shape == (1, 3, 224, 224) and ex["facts"] == rec["facts"]
+    tiled = dataclasses.replace(cfg, dynamic_image_size=True, use_thumbnail=True)
+    assert SFEDataset([rec], tmp_path, tiled)[0]["pixel_test"].shape[0] == 3 + 1  # 3x1 grid
+    zero = SFEDataset([rec], tmp_path, cfg, setting="zero-shot")[0]
+    assert zero["pixel_ref"] is None
+    batch = Collator(tok, cfg)([ex, SFEDataset([rec], tmp_path, cfg)[0]])
+    assert batch["tiles_test"].tolist() == [1, 1] and batch["fact_ids"].shape[:2] == (2, 3)
+    edpo = EDPOCollator(tok, cfg)([EDPODataset([rec], tmp_path, cfg)[0]])
+    assert edpo["n_pairs"] == 2
+    with pytest.raises(ValueError, match="'a' has no 'mle'.*python -m sage.mle score"):
+        EDPODataset([{**rec, "mle": None}], tmp_path, cfg)
+    with pytest.raises(ValueError, match="one-shot.*id 'a'"):
+        SFEDataset([{**rec, "reference_image": None}], tmp_path, cfg)
+    gen = GeneralDataset([{**rec, "answers": ["A caption."]}], tmp_path, cfg)[0]
+    assert gen["answer"] == "A caption." and gen["pixel_ref"] is None
