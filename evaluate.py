@@ -48,6 +48,7 @@ p.add_argument("--judge", choices=["oracle", "openai", "none"], default="oracle"
                help="MLE judge: oracle (SynthAD truth), openai (GPT-4o-style), none")
 p.add_argument("--judge_model", default="gpt-4o", help="--judge openai: model name")
 p.add_argument("--judge_cache", default=None, help="--judge openai: JSONL cache file")
+p.add_argument("--judge_workers", type=int, default=8, help="concurrent judge requests")
 p.add_argument("--sbert", action=argparse.BooleanOptionalAction, default=True,
                help="SBERT similarity if sentence-transformers + the offline model are installed")
 # runtime
@@ -116,16 +117,17 @@ if dist.is_main:
         p_["correct"] = p_["decision"] is not None and p_["decision"] == p_["label"]
     by_id = {r["id"]: r for r in records}
     if args.judge != "none":
-        from sage.mle import OpenAIJudge, OracleJudge
+        from sage.mle import MLEResult, OpenAIJudge, OracleJudge, score_many
 
         judge = (OracleJudge() if args.judge == "oracle" else
                  OpenAIJudge(model=args.judge_model, cache=args.judge_cache))
-        for p_ in predictions:
-            res = judge.score(p_["question"], p_["reference_answer"], p_["answer"],
-                              by_id[p_["id"]])
-            if hasattr(res, "as_list"):
+        scores = score_many(judge, [(p_["question"], p_["reference_answer"], p_["answer"],
+                                     by_id[p_["id"]]) for p_ in predictions],
+                            workers=args.judge_workers)
+        for p_, res in zip(predictions, scores):
+            if isinstance(res, MLEResult):
                 p_["mle"] = res.as_list()
-            else:
+            else:  # reported, never replaced by a made-up score
                 p_["mle_failure"] = res.reason
         failed = sum(1 for p_ in predictions if "mle_failure" in p_)
         if failed:
