@@ -9,7 +9,7 @@ and rejected answers go through one forward; the loss is Eq. 6-7 averaged over a
     python -m sage.mle score --data data/synthad/edpo_train.jsonl --judge oracle --in-place
     python train_edpo.py                                  # tiny default, from runs/sfe/export
     torchrun --nproc_per_node=8 train_edpo.py --init runs/sfe40b/export --data data/adpl \
-        --split visa_train --ref_cache runs/edpo40b/ref_logps.json --activation-checkpointing
+        --split visa_train --ref_cache runs/edpo40b/ref_logps.json --activation_checkpointing
     python train_edpo.py --loss dpo                       # ablation: eta = 0, extreme pair only
 
 Defaults: beta = 0.1, the usual DPO strength (the paper gives none); eta = 1.0. Under Eq. 4

@@ -8,7 +8,7 @@ no anomaly QA) and runs the Table 3 ablations (`--facts hard|none`).
     python train_sfe.py                                   # tiny default on SynthAD, CPU
     torchrun --nproc_per_node=2 train_sfe.py              # same, 2 gloo processes
     torchrun --nproc_per_node=8 train_sfe.py --init weights/InternVL2-40B \
-        --data data/adpl --split mvtec_train --activation-checkpointing   # real model, 8xA100
+        --data data/adpl --split mvtec_train --activation_checkpointing   # real model, 8xA100
     python train_sfe.py --plan --preset internvl2-40b --plan-world 8 --plan-gpu-gib 80
 """
 

@@ -10,9 +10,11 @@ table `published name -> our name` (`{}` = layer index, `*` = the rest of a dott
     INTERNVIT_KEY_MAP   plain InternViT (`embeddings.*`, `encoder.layers.N.*`) <-> InternViT
 
 Loading (`load_into`) never holds a second copy of the model: the model is built on the meta
-device, materialised empty (or already sharded by FSDP2), and every tensor is copied straight
-from the memory-mapped shard into its parameter, one at a time. A DTensor parameter receives
-only this rank's slice (`safe_open(...).get_slice`), so no rank reads the full 40B model.
+device, materialised empty (or already sharded by FSDP2), and each tensor's bytes are read
+from its shard straight into the parameter's memory, one tensor at a time. A DTensor parameter
+receives only this rank's slice, so no rank reads the full 40B model: a row range (FSDP2's
+Shard(0)) is one contiguous read; any other slice goes through safetensors' memory-mapped
+`safe_open(...).get_slice`.
 
     model = load_pretrained("weights/sage-tiny-base")            # SageModel, tokenizer attached
     save_pretrained(model, "out/export", tokenizer=model.tokenizer)
@@ -26,6 +28,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -136,13 +139,13 @@ INDEX_FILE, SINGLE_FILE = "model.safetensors.index.json", "model.safetensors"
 
 @dataclass
 class TensorInfo:
-    """Where one checkpoint tensor lives: file, dtype, shape, byte range in the data section."""
+    """Where one checkpoint tensor lives: file, dtype, shape, absolute byte offset and size."""
 
     file: Path
     dtype: torch.dtype
     shape: tuple[int, ...]
-    begin: int
-    end: int
+    offset: int
+    nbytes: int
 
 
 def read_header(file: Path) -> dict[str, TensorInfo]:
@@ -168,11 +171,14 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
         for name, e in header.items():
             if name == "__metadata__":
                 continue
-            out[name] = TensorInfo(file, _DTYPES[e["dtype"]], tuple(e["shape"]),
-                                   *e["data_offsets"])
-            if out[name].end > data_size:
-                raise ValueError(f"tensor '{name}' ends at byte {out[name].end} of the data "
-                                 f"section, which has only {data_size} bytes (truncated file?)")
+            (begin, end), dtype, shape = e["data_offsets"], _DTYPES[e["dtype"]], tuple(e["shape"])
+            if end > data_size:
+                raise ValueError(f"tensor '{name}' ends at byte {end} of the data section, "
+                                 f"which has only {data_size} bytes (truncated file?)")
+            if end - begin != math.prod(shape) * dtype.itemsize:
+                raise ValueError(f"tensor '{name}': {end - begin} bytes for {e['dtype']} "
+                                 f"{list(shape)}")
+            out[name] = TensorInfo(file, dtype, shape, 8 + n + begin, end - begin)
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise ValueError(f"{file}: corrupt or truncated safetensors header: "
                          f"{type(e).__name__}: {e}") from None
@@ -218,7 +224,7 @@ def checkpoint_dtype(path: str | os.PathLike) -> torch.dtype:
     by_bytes = Counter()
     for t in read_checkpoint_index(path).values():
         if t.dtype.is_floating_point:
-            by_bytes[t.dtype] += t.end - t.begin
+            by_bytes[t.dtype] += t.nbytes
     return by_bytes.most_common(1)[0][0] if by_bytes else torch.get_default_dtype()
 
 
@@ -285,10 +291,10 @@ def _local_slices(t: torch.Tensor) -> tuple[slice, ...] | None:
     Shard(d) splits like torch.chunk (chunk = ceil(n / world), trailing ranks may get fewer
     rows or none), applied mesh dim by mesh dim; Replicate keeps the whole range.
     """
-    from torch.distributed.tensor import DTensor, Replicate, Shard
-
-    if not isinstance(t, DTensor):
-        return None
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    if dtensor is None or not isinstance(t, dtensor.DTensor):
+        return None  # no DTensor can exist before that module is imported (importing it: ~1 s)
+    Replicate, Shard = dtensor.Replicate, dtensor.Shard
     ranges = [[0, n] for n in t.shape]
     coord = t.device_mesh.get_coordinate()
     for mesh_dim, placement in enumerate(t.placements):
@@ -398,43 +404,70 @@ def _materialise(model: nn.Module, device) -> None:
             setattr(m, n, first)
 
 
-_MMAP_WINDOW_BYTES = 128 << 20  # reopen the mapping after this many bytes: bounds mapped RSS
+_READ_CHUNK = 64 << 20
+
+
+def _read_into(fh, offset: int, out: torch.Tensor) -> None:
+    """Fill the contiguous CPU tensor `out` with the file's bytes from `offset` (no copy)."""
+    view = memoryview(out.detach().reshape(-1).view(torch.uint8).numpy())
+    fh.seek(offset)
+    done = 0
+    while done < len(view):
+        n = fh.readinto(view[done:done + _READ_CHUNK])
+        if not n:
+            raise ValueError(f"{fh.name}: ends at byte {offset + done} while reading "
+                             f"{len(view)} bytes from {offset} (truncated file?)")
+        done += n
+
+
+def _copy_tensor(fh, pub: str, info: TensorInfo, dst: torch.Tensor, scratch: list) -> int:
+    """Copy checkpoint tensor `pub` (or this rank's slice of it) into dst; -> bytes read.
+
+    Straight into the destination when it is a contiguous CPU tensor of the checkpoint's
+    dtype; otherwise through one reused scratch buffer, then copy_ (dtype conversion or
+    host-to-device copy). Measured in sage.bench.load: the kernel copies page cache -> the
+    parameter once, and no file page is mapped, so peak RSS is the model's own bytes (a
+    mapped file's pages count towards RSS; an extra copy pays a second page-fault pass).
+    """
+    sl, local = _local_slices(dst), _local(dst)
+    if local.numel() == 0:
+        return 0
+    offset, nbytes = info.offset, info.nbytes
+    if sl is not None and info.shape:
+        if any((s.start, s.stop) != (0, n) for s, n in zip(sl[1:], info.shape[1:])):
+            with safe_open(str(info.file), framework="pt", device="cpu") as f:
+                local.copy_(f.get_slice(pub)[sl])  # not a row range: memory-mapped slice
+            return local.numel() * info.dtype.itemsize
+        row = info.nbytes // info.shape[0]  # a row range (FSDP2 Shard(0)): one contiguous read
+        offset, nbytes = info.offset + sl[0].start * row, (sl[0].stop - sl[0].start) * row
+    if local.device.type == "cpu" and local.is_contiguous() and local.dtype == info.dtype:
+        _read_into(fh, offset, local)
+    else:
+        if scratch[0].numel() < nbytes:
+            scratch[0] = torch.empty(nbytes, dtype=torch.uint8)
+        buf = scratch[0][:nbytes].view(info.dtype).view(local.shape)
+        _read_into(fh, offset, buf)
+        local.copy_(buf)  # converts the dtype / moves to the device
+    return nbytes
 
 
 def _stream(ckpt: dict[str, TensorInfo], pairs: list[tuple[str, str]],
             params: dict[str, torch.Tensor]) -> int:
-    """Copy every (published, ours) pair from the memory-mapped shards; -> bytes read.
-
-    Pages of a mapped file count towards the process RSS until it is unmapped, so each file is
-    mapped in windows of ~128 MiB of reads (file order) rather than once: peak RSS stays near
-    the model's own bytes. Sharded parameters read only their own slice via get_slice.
-    """
-    jobs = []  # (file, offset, published, destination, slices, bytes to read)
-    for pub, ours in pairs:
-        info, dst = ckpt[pub], params[ours]
-        sl = _local_slices(dst)
-        n = (_local(dst).numel() if sl is not None else dst.numel()) * info.dtype.itemsize
-        jobs.append((str(info.file), info.begin, pub, dst, sl, n))
-    jobs.sort(key=lambda j: (j[0], j[1]))
-    total, i = 0, 0
-    while i < len(jobs):
-        file, window, j = jobs[i][0], 0, i
-        while j < len(jobs) and jobs[j][0] == file and (j == i or window < _MMAP_WINDOW_BYTES):
-            window += jobs[j][5]
-            j += 1
-        with safe_open(file, framework="pt", device="cpu") as f, torch.no_grad():
-            for _, _, pub, dst, sl, n in jobs[i:j]:
-                if sl is None:
-                    dst.copy_(f.get_tensor(pub))  # copy_ converts the dtype if needed
-                elif n:
-                    local = _local(dst)
-                    src = f.get_slice(pub)[sl]  # only this rank's rows
-                    if tuple(src.shape) != tuple(local.shape):
-                        raise ValueError(f"{pub}: this rank's slice {sl} has shape "
-                                         f"{tuple(src.shape)}, local shard {tuple(local.shape)}")
-                    local.copy_(src)
-                total += n
-        i = j
+    """Copy every (published, ours) pair, file by file in file order; -> bytes read."""
+    pairs = sorted(pairs, key=lambda p: (str(ckpt[p[0]].file), ckpt[p[0]].offset))
+    scratch, total, fh = [torch.empty(0, dtype=torch.uint8)], 0, None
+    try:
+        with torch.no_grad():
+            for pub, ours in pairs:
+                info = ckpt[pub]
+                if fh is None or fh.name != str(info.file):
+                    if fh is not None:
+                        fh.close()
+                    fh = open(info.file, "rb", buffering=0)
+                total += _copy_tensor(fh, pub, info, params[ours], scratch)
+    finally:
+        if fh is not None:
+            fh.close()
     return total
 
 
@@ -522,7 +555,7 @@ def hf_internvit_config(cfg: VisionConfig, dtype: torch.dtype) -> dict:
             "torch_dtype": str(dtype).removeprefix("torch.")}
 
 
-def _shard_plan(tensors: list[tuple[str, torch.Tensor]], max_bytes: int,
+def plan_shards(tensors: list[tuple[str, torch.Tensor]], max_bytes: int,
                 dtype: torch.dtype | None) -> list[list]:
     """Consecutive groups of at most max_bytes (a larger tensor gets a shard of its own)."""
     shards, size = [[]], 0
@@ -567,7 +600,7 @@ def save_state_dict(state_dict: dict[str, torch.Tensor], config, directory: str 
         with torch.no_grad():
             return t.full_tensor() if hasattr(t, "full_tensor") else t
 
-    shards = _shard_plan(tensors, max_shard_bytes, dtype)
+    shards = plan_shards(tensors, max_shard_bytes, dtype)
     names = ([SINGLE_FILE] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     tmp = None

@@ -10,7 +10,7 @@ Activations per micro-batch of T tokens, LLM width C, L layers, FFN width F, H h
                       so no T^2 term) plus the logits T V (fp32 for the loss, twice)
   checkpointing       one bf16 (T, C) input per layer kept + one layer's full activations
 E-DPO adds the reference model: sharded bf16 weights (2 B / world), unless its log-probs are
-precomputed (train_edpo.py --ref-cache), and sequences are chosen + rejected (2x tokens).
+precomputed (train_edpo.py --ref_cache), and sequences are chosen + rejected (2x tokens).
 
     print(format_plan(plan_memory(SageConfig.preset("internvl2-40b"), world=8)))
 """
@@ -104,13 +104,13 @@ def _what_fits(cfg, world, gpu_gib, micro_batch, seq_len, stage, ac, ref_cache, 
     """The first single change (in order of cost to the user) that brings the plan in budget."""
     options = []
     if not ac:
-        options.append(("--activation-checkpointing", dict(activation_checkpointing=True)))
+        options.append(("--activation_checkpointing", dict(activation_checkpointing=True)))
     if stage == "edpo" and not ref_cache:
-        options.append(("--ref-cache (precomputed reference log-probs)", dict(ref_cache=True)))
+        options.append(("--ref_cache (precomputed reference log-probs)", dict(ref_cache=True)))
     if micro_batch > 1:
-        options.append(("--micro-batch 1", dict(micro_batch=1)))
+        options.append(("--micro_batch 1", dict(micro_batch=1)))
     if not cpu_offload:
-        options.append(("--cpu-offload (FSDP2 CPUOffloadPolicy; slower steps)",
+        options.append(("--cpu_offload (FSDP2 CPUOffloadPolicy; slower steps)",
                         dict(cpu_offload=True)))
     options.append((f"world size {world * 2} (2 nodes)", dict(world=world * 2)))
     base = dict(world=world, gpu_gib=gpu_gib, micro_batch=micro_batch, seq_len=seq_len,

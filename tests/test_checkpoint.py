@@ -441,6 +441,14 @@ def _fsdp_worker(rank: int, world: int, init_file: str, ckpt: str, out: str) -> 
         td.all_gather_object(sizes, report.bytes_read)
         assert sum(sizes) == total and max(sizes) < 0.6 * total, (sizes, total)
         save_pretrained(model, out, layout="llama")  # gathers tensor by tensor, rank 0 writes
+        # a column slice (Shard(1), as tensor parallelism would make) goes through get_slice
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        head = nn.Module()
+        head.lm_head = nn.Linear(32, 67, bias=False)
+        head.lm_head.weight = nn.Parameter(distribute_tensor(torch.zeros(67, 32), mesh, [Shard(1)]))
+        load_into(head, ckpt, {"lm_head.weight": "lm_head.weight", "model.*": None})
+        assert torch.equal(head.lm_head.weight.to_local(), full["lm_head.weight"].chunk(2, 1)[rank])
     finally:
         td.destroy_process_group()
 
