@@ -455,15 +455,15 @@ def _stream(ckpt: dict[str, TensorInfo], pairs: list[tuple[str, str]],
             params: dict[str, torch.Tensor]) -> int:
     """Copy every (published, ours) pair, file by file in file order; -> bytes read."""
     pairs = sorted(pairs, key=lambda p: (str(ckpt[p[0]].file), ckpt[p[0]].offset))
-    scratch, total, fh = [torch.empty(0, dtype=torch.uint8)], 0, None
+    scratch, total, fh, current = [torch.empty(0, dtype=torch.uint8)], 0, None, None
     try:
         with torch.no_grad():
             for pub, ours in pairs:
                 info = ckpt[pub]
-                if fh is None or fh.name != str(info.file):
+                if info.file != current:
                     if fh is not None:
                         fh.close()
-                    fh = open(info.file, "rb", buffering=0)
+                    fh, current = open(info.file, "rb", buffering=0), info.file
                 total += _copy_tensor(fh, pub, info, params[ours], scratch)
     finally:
         if fh is not None:
@@ -479,8 +479,9 @@ def load_into(model: nn.Module, directory: str | os.PathLike, key_map: dict[str,
     model: (a) built under torch.device("meta"): load_into materialises it with
     `to_empty(device)` (default CPU) after all checks passed; (b) already materialised: copied
     into in place; (c) sharded with FSDP2 `fully_shard` (DTensor parameters, on meta or
-    materialised): each rank reads only its own slice. dtype: cast the model's floating
-    tensors first (free on meta); checkpoint tensors are converted while copying.
+    materialised): each rank reads only its own slice. device: where a meta model is
+    materialised (ignored otherwise). dtype: cast the model's floating tensors first (free on
+    meta); checkpoint tensors are converted while copying.
     strict: one ValueError listing missing, unexpected (unmapped, or absent from the model) and
     shape-mismatched keys, raised before anything is allocated; strict=False only reports them.
     new_ok: prefixes of model keys that may be absent (SAGE's fusion / fact_proj on a plain
@@ -576,17 +577,19 @@ def save_state_dict(state_dict: dict[str, torch.Tensor], config, directory: str 
     max_shard_bytes), config.json, the tokenizer if given.
 
     config: SageConfig (layout "internvl"), LLMConfig ("llama") or VisionConfig ("internvit").
-    DTensor values are gathered one at a time (every rank must call; rank 0 writes). Files go
-    to a temporary sibling directory renamed into place at the end; a non-empty `directory`
-    is only replaced with overwrite=True.
+    Plain tensors: the caller writes (e.g. rank 0 with a gathered state dict), no collectives.
+    DTensor values (an FSDP2 model): every rank must call; each tensor is gathered in turn and
+    rank 0 writes. Files go to a temporary sibling directory renamed into place at the end; a
+    non-empty `directory` is only replaced with overwrite=True.
     """
     import torch.distributed as td
 
     if layout not in _LAYOUTS:
         raise ValueError(f"layout={layout!r}: expected one of {sorted(_LAYOUTS)}")
     directory = Path(directory)
-    rank0 = not td.is_initialized() or td.get_rank() == 0
-    if rank0 and directory.exists() and any(directory.iterdir()) and not overwrite:
+    collective = any(hasattr(t, "full_tensor") for t in state_dict.values())
+    rank0 = not collective or td.get_rank() == 0
+    if directory.exists() and any(directory.iterdir()) and not overwrite:
         raise FileExistsError(f"{directory}: exists and is not empty (pass overwrite=True)")
     tensors, seen = [], set()
     for ours, t in state_dict.items():
@@ -625,8 +628,8 @@ def save_state_dict(state_dict: dict[str, torch.Tensor], config, directory: str 
             shutil.rmtree(old)
         else:
             os.replace(tmp, directory)
-    if td.is_initialized():
-        td.barrier()
+    if collective:
+        td.barrier()  # the export is complete on every rank's return
     return directory
 
 

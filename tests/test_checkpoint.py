@@ -1,4 +1,4 @@
-# Key maps, safetensors load/save, strict errors, FSDP2 slices. python -m pytest -q tests/test_checkpoint.py
+# Key maps, safetensors load/save, errors, FSDP2. python -m pytest -q tests/test_checkpoint.py
 import json
 import os
 import shutil
@@ -8,6 +8,8 @@ import pytest
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
+
+import sage
 
 from sage.checkpoint import (INDEX_FILE, INTERNVL_KEY_MAP, INTERNVL_KEY_MAP_INV,
                              INTERNVIT_KEY_MAP, LLAMA_KEY_MAP, LLAMA_KEY_MAP_INV, SINGLE_FILE,
@@ -38,12 +40,13 @@ def stand_in() -> nn.Module:
     m = nn.Module()
     m.vision = nn.Module()
     m.vision.encoder = nn.ModuleDict({"layers": nn.ModuleList(
-        Owner(0.0, norm1=nn.LayerNorm(6), mlp=Owner(0.0, fc1=nn.Linear(6, 12))) for _ in range(2))})
+        Owner(0.0, norm1=nn.LayerNorm(6), mlp=Owner(0.0, fc1=nn.Linear(6, 12)))
+        for _ in range(2))})
     m.adapter = Owner(0.0, norm=nn.LayerNorm(24), fc1=nn.Linear(24, 8), fc2=nn.Linear(8, 8))
     m.llm = nn.Module()
     m.llm.embed_tokens = nn.Embedding(11, 8)
-    m.llm.layers = nn.ModuleList(Owner(0.0, self_attn=Owner(0.0, q_proj=nn.Linear(8, 8, bias=False)))
-                                 for _ in range(3))
+    m.llm.layers = nn.ModuleList(
+        Owner(0.0, self_attn=Owner(0.0, q_proj=nn.Linear(8, 8, bias=False))) for _ in range(3))
     m.llm.lm_head = nn.Linear(8, 11, bias=False)
     m.fusion = Owner(0.5, q_proj=nn.Linear(8, 8))
     m.fact_proj = Owner(0.25, fc=nn.Linear(8, 8))
@@ -321,12 +324,26 @@ def test_sage_model_round_trip_with_tokenizer(sage_src, sage_dir, tokenizer_dir)
     from sage.tokenizer import Tokenizer
 
     assert (sage_dir / INDEX_FILE).is_file() and (sage_dir / "tokenizer.model").is_file()
-    model = load_pretrained(sage_dir)
+    model = sage.load_pretrained(sage_dir)  # the package entry point forwards to checkpoint
     assert_same(sage_src, model)
     assert model.cfg == sage_src.cfg and not model.training
     tok = Tokenizer.from_pretrained(tokenizer_dir)
     assert model.tokenizer.encode("the washer") == tok.encode("the washer")
     assert not model.load_report.new
+
+
+def test_sage_model_parts_export_as_plain_llama_and_internvit(sage_src, tmp_path, gen):
+    transformers = pytest.importorskip("transformers")
+    from sage.models.intern_vit import InternViT
+
+    save_pretrained(sage_src, tmp_path / "llm", layout="llama")
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "llm", dtype=torch.float32)
+    ids = torch.randint(0, 2048, (1, 6), generator=gen)
+    with torch.no_grad():
+        torch.testing.assert_close(sage_src.llm.eval()(input_ids=ids), hf.eval()(ids).logits,
+                                   atol=1e-5, rtol=0)
+    save_pretrained(sage_src, tmp_path / "vit", layout="internvit")
+    assert_same(sage_src.vision, InternViT.from_pretrained(tmp_path / "vit"))
 
 
 def test_plain_internvl2_checkpoint_gets_new_modules(sage_src, tmp_path):
