@@ -1,0 +1,137 @@
+"""Training-step benchmark: a slice of InternVL2-40B at full width under FSDP2 (prints figures).
+
+Forward + backward + AdamW step of SageModel with `--llm_layers` Yi-34B decoder layers and
+`--vit_layers` InternViT-6B blocks (frozen, as in Stage 1), full vocabulary, bf16 parameters
+with fp32 gradient reduction, on one GPU (a one-rank process group). Prints tokens/s, achieved
+TFLOP/s, MFU against the GPU's dense bf16 peak, and the measured peak memory next to the
+prediction of `sage.plan.plan_memory` (what `train_sfe.py --plan` prints) for the same slice.
+
+    python -m sage.bench.train_step                       # on an H100: the 40B-width slice
+    python -m sage.bench.train_step --preset tiny         # CPU smoke run (figures meaningless)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+
+import torch
+
+from sage.config import SageConfig
+from sage.distributed import cleanup, init_distributed
+from sage.plan import count_params, format_plan, plan_memory
+from sage.training import build_model, build_optimizer, grad_norm_and_clip
+
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense tensor-core FLOP/s
+
+
+class _Tok:
+    """Placeholder ids for a synthetic batch (no tokenizer file needed)."""
+
+    def __init__(self, vocab: int):
+        self.img_context_id, self.fact_context_id = vocab - 1, vocab - 2
+        self.pad_id, self.stop_ids = 0, (2,)
+
+
+def synthetic_batch(cfg: SageConfig, B: int, T: int, device, gen) -> dict:
+    """Random one-shot SFE batch: one tile per image, N fact sentences, answer = last 64 tokens."""
+    V, n_img = cfg.llm.vocab_size, cfg.n_image_tokens
+    ids = torch.randint(10, V - 10, (B, T), generator=gen)
+    ids[:, 4:4 + n_img] = V - 1  # <IMG_CONTEXT>
+    ids[:, 8 + n_img:8 + n_img + cfg.n_facts] = V - 2  # <FACT_CONTEXT>
+    labels = torch.full_like(ids, -100)
+    labels[:, -64:] = ids[:, -64:]
+    S = cfg.vision.image_size
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
+             "pixel_test": torch.randn(B, 3, S, S, generator=gen),
+             "tiles_test": torch.ones(B, dtype=torch.long),
+             "pixel_ref": torch.randn(B, 3, S, S, generator=gen),
+             "tiles_ref": torch.ones(B, dtype=torch.long),
+             "fact_ids": torch.randint(10, V - 10, (B, cfg.n_facts, 16), generator=gen),
+             "fact_mask": torch.ones(B, cfg.n_facts, 16, dtype=torch.long), "ids": None}
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def step_flops(cfg: SageConfig, B: int, T: int) -> float:
+    """Model FLOPs of one step: LLM fwd+bwd (6N per token + attention), frozen ViT forward on
+    test and reference (2N per patch + attention), adapter fwd+bwd."""
+    n = count_params(cfg)
+    m, v = cfg.llm, cfg.vision
+    llm_matmul = n["llm"] - n["embed"]  # the embedding lookup is not a matmul
+    # causal attention: QK^T and AV, 2 T^2 C per layer forward after the causal half, x3 fwd+bwd
+    llm = 6 * llm_matmul * B * T + 6 * m.n_layers * m.dim * T * T * B
+    P = v.n_patches + 1
+    vit = 2 * B * (2 * n["vision"] * P + 4 * v.n_layers * v.dim * P * P)  # test + reference
+    adapter = 6 * n["adapter"] * 2 * B * cfg.n_image_tokens
+    return float(llm + vit + adapter)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--preset", default="internvl2-40b")
+    p.add_argument("--llm_layers", type=int, default=2, help="decoder layers in the slice")
+    p.add_argument("--vit_layers", type=int, default=1, help="InternViT blocks in the slice")
+    p.add_argument("--batch", type=int, default=2, help="micro-batch")
+    p.add_argument("--seq_len", type=int, default=2048, help="tokens per sample")
+    p.add_argument("--steps", type=int, default=10, help="timed steps (after 3 warm-up)")
+    p.add_argument("--activation_checkpointing", action=argparse.BooleanOptionalAction,
+                   default=False)
+    args = p.parse_args()
+
+    dist = init_distributed()
+    base = SageConfig.preset(args.preset)
+    cfg = dataclasses.replace(
+        base, vision=dataclasses.replace(base.vision, n_layers=args.vit_layers),
+        llm=dataclasses.replace(base.llm, n_layers=args.llm_layers))
+    if dist.device.type != "cuda":
+        args.seq_len, args.steps = min(args.seq_len, cfg.n_image_tokens + 128), 2
+    model = build_model(cfg, dist, None, stage="sfe",
+                        activation_checkpointing=args.activation_checkpointing)
+    model.tokenizer = _Tok(cfg.llm.vocab_size)
+    opt = build_optimizer(model, 1e-5, 0.0, dist.device)
+    gen = torch.Generator().manual_seed(0)
+    batch = synthetic_batch(cfg, args.batch, args.seq_len, dist.device, gen)
+    sync = torch.cuda.synchronize if dist.device.type == "cuda" else (lambda: None)
+
+    def one_step():
+        _, loss_sum, n_tok = model(batch)
+        (loss_sum.sum() / n_tok.sum()).backward()
+        grad_norm_and_clip(model, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        one_step()
+    sync()
+    if dist.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    for _ in range(args.steps):
+        one_step()
+    sync()
+    dt = (time.perf_counter() - t) / args.steps
+    flops = step_flops(cfg, args.batch, args.seq_len)
+    tokens = args.batch * args.seq_len
+    print(f"slice: {args.preset} width, {args.llm_layers} LLM layers + {args.vit_layers} ViT "
+          f"blocks, micro-batch {args.batch} x {args.seq_len} tokens, activation checkpointing "
+          f"{args.activation_checkpointing}, device {dist.device}")
+    print(f"step {dt * 1000:.1f} ms | {tokens / dt:,.0f} tok/s | {flops / dt / 1e12:.1f} TFLOP/s")
+    if dist.device.type == "cuda":
+        name = torch.cuda.get_device_name()
+        peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+        if peak:
+            print(f"MFU {100 * flops / dt / peak:.1f}% of {peak / 1e12:.0f} TFLOP/s ({name})")
+        measured = torch.cuda.max_memory_allocated() / 2**30
+        plan = plan_memory(cfg, world=1, gpu_gib=torch.cuda.get_device_properties(0).total_memory
+                           / 2**30, micro_batch=args.batch, seq_len=args.seq_len, stage="sfe",
+                           activation_checkpointing=args.activation_checkpointing)
+        print(format_plan(plan, "plan for this slice (sage.plan.plan_memory):"))
+        print(f"peak memory measured {measured:.2f} GiB vs planned {plan.total:.2f} GiB "
+              f"({100 * (measured / plan.total - 1):+.1f}%)")
+    cleanup()
+
+
+if __name__ == "__main__":
+    main()
