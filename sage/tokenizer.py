@@ -377,3 +377,22 @@ def _write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m sage.tokenizer train --corpus FILE --out DIR --vocab_size N`"""
+    import argparse
+
+    p = argparse.ArgumentParser(description="Train the tiny preset's sentencepiece tokenizer.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="train tokenizer.model on a text corpus")
+    t.add_argument("--corpus", required=True, help="text file, one sentence per line")
+    t.add_argument("--out", required=True, help="output directory")
+    t.add_argument("--vocab_size", type=int, default=2048, help="upper bound on the vocabulary")
+    args = p.parse_args(argv)
+    tok = Tokenizer.train(args.corpus, args.out, vocab_size=args.vocab_size)
+    print(f"wrote {Path(args.out) / 'tokenizer.model'}: {tok.vocab_size} ids")
+
+
+if __name__ == "__main__":
+    main()
