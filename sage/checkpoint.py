@@ -404,7 +404,7 @@ def _materialise(model: nn.Module, device) -> None:
             setattr(m, n, first)
 
 
-_READ_CHUNK = 64 << 20
+_READ_CHUNK = 16 << 20  # per readinto call; the kernel reads ahead sequentially
 
 
 def _read_into(fh, offset: int, out: torch.Tensor) -> None:
