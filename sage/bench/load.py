@@ -41,7 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shard-gb", type=float, default=0.5, help="max bytes per shard file (GB)")
     p.add_argument("--dir", default="/tmp/sage_bench_load", help="where the checkpoint goes")
     # runtime
-    p.add_argument("--repeats", type=int, default=2, help="runs per job and cache state (fastest is kept)")
+    p.add_argument("--repeats", type=int, default=2,
+                   help="runs per job and cache state (the fastest is kept)")
     p.add_argument("--keep", action=argparse.BooleanOptionalAction, default=False,
                    help="keep the checkpoint directory afterwards")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: one job
