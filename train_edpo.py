@@ -34,9 +34,8 @@ from sage.losses import answer_logprobs, dpo_rewards, edpo_loss
 from sage.tokenizer import Tokenizer
 from sage.training import (MetricsLog, accumulation_steps, add_optim_args, add_runtime_args,
                            build_model, build_optimizer, check_finite, eta, export_model,
-                           grad_norm_and_clip, latest_checkpoint, load_checkpoint, lr_at,
-                           resolve_recipe, save_checkpoint, seed_everything, status_line,
-                           to_device)
+                           grad_norm_and_clip, lr_at, resolve_recipe, resume, save_checkpoint,
+                           seed_everything, status_line, to_device)
 
 # ----------------------------------------------------------------------------- arguments
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -143,12 +142,7 @@ if args.ref_cache:
     reference = None
 
 # ----------------------------------------------------------------------------- resume
-step = 0
-if args.resume and (ckpt := latest_checkpoint(run_dir)) is not None:
-    meta = load_checkpoint(ckpt, model, optimizer, dist.rank)
-    step = meta["step"]
-    sampler.load_state_dict(meta["sampler"])
-    print0(f"resumed from {ckpt} at step {step}")
+step = resume(run_dir, model, optimizer, sampler, dist.rank) if args.resume else 0
 
 # ----------------------------------------------------------------------------- loop
 stream = (i for _ in itertools.count() for i in sampler)  # endless, epoch after epoch
@@ -215,16 +209,13 @@ while step < max_steps:
         print0(status_line(step, max_steps, rec["loss"], rec["lr"], gnorm, dt, rec["tok_s"],
                            extra))
         log.log(rec)
-    # -- checkpoint (all ranks take part)
-    if args.save_every and step % args.save_every == 0 and step < max_steps:
+    # -- checkpoint (all ranks take part), always after the last step
+    if step == max_steps or (args.save_every and step % args.save_every == 0):
         save_checkpoint(run_dir, step, model, optimizer,
                         {"sampler": sampler.state_dict(), "args": vars(args)}, dist.rank,
                         keep_last=args.keep_last)
 
 # ----------------------------------------------------------------------------- export, cleanup
-save_checkpoint(run_dir, step, model, optimizer, {"sampler": sampler.state_dict(),
-                                                  "args": vars(args)}, dist.rank,
-                keep_last=args.keep_last)
 export_model(model, cfg, tokenizer, run_dir / "export", dist.rank)
 print0(f"exported {run_dir / 'export'}")
 log.close()

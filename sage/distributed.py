@@ -45,6 +45,10 @@ def init_distributed(device: str | None = None) -> DistInfo:
         if not td.is_initialized():
             td.init_process_group(backend, store=td.HashStore(), rank=0, world_size=1)
     dev = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+    if not use_cuda and "OMP_NUM_THREADS" not in os.environ:
+        # CPU ranks on one machine share its cores: oversubscription makes every rank slower
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     return DistInfo(rank, world, local, dev)
 
 

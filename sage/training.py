@@ -221,6 +221,19 @@ def load_checkpoint(path: Path, model, optimizer, rank: int) -> dict:
     return json.loads((path / "meta.json").read_text())
 
 
+def resume(run_dir: Path, model, optimizer, sampler, rank: int) -> int:
+    """--resume: restore the newest complete checkpoint (model, optimizer, RNG, data position);
+    -> the step to continue from (0 when there is none yet)."""
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        print0(f"--resume: no complete checkpoint in {run_dir}; starting at step 0")
+        return 0
+    meta = load_checkpoint(ckpt, model, optimizer, rank)
+    sampler.load_state_dict(meta["sampler"])
+    print0(f"resumed from {ckpt} at step {meta['step']}")
+    return meta["step"]
+
+
 def export_model(model, cfg: SageConfig, tokenizer, out_dir: Path, rank: int) -> None:
     """Gather the full state dict (CPU, rank 0) and write the InternVL2 layout + sage.* keys."""
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
