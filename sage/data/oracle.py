@@ -1,0 +1,124 @@
+"""SynthAD's deterministic MLE judge (Eq. 3 sub-scores) and the Yes/No decision rule.
+
+`extract_decision(text)`: the first whole word among yes/no/true/false (case-insensitive),
+"true" counting as yes and "false" as no; an answer with both takes the first one; none ->
+None (evaluate.py counts it as wrong, separately).
+
+`oracle_scores(answer, truth, label, question) -> (type, loc, logic)`, each 1..5, from the
+record's structured truth {"anomalous", "defect", "region", ...}:
+
+  type   anomalous: names the true defect type 5; names only "defect/anomaly/damage" without
+         a type 3; names a wrong type 1; claims the part is normal 1.
+         normal: says normal / no defect and names no defect type 5; hedges 3; names a
+         defect type 1.
+  loc    anomalous: names the true region 5 (a colour deviation covers the whole part, so any
+         of "whole", "overall", "center" counts); names a neighbouring region 3; no region 2;
+         a wrong, non-neighbouring region 1. normal: names no region 5; names one 2.
+  logic  no decision 1; wrong decision 1; right decision that hedges ("maybe", "hard to tell",
+         "not sure", "might") 2; right decision with no reason 3; right decision with a reason
+         (a clause after the decision with "so", "because", "can", "could", "which", "means",
+         "fit for use") 5, minus 1 if the reason contradicts the decision (claims a defect
+         while deciding the part is normal, or the reverse).
+"""
+
+from __future__ import annotations
+
+import re
+
+REGIONS = ("top-left", "top", "top-right", "left", "center", "right", "bottom-left", "bottom",
+           "bottom-right")
+DEFECT_WORDS = {
+    "scratch": ("scratch",), "hole": ("hole",), "crack": ("crack",), "stain": ("stain",),
+    "colour deviation": ("colour deviation", "color deviation", "wrong colour", "colour"),
+    "missing component": ("missing",),
+}
+GENERIC = ("defect", "anomaly", "anomalous", "damage", "damaged", "issue", "fault")
+NORMAL = ("normal", "no defect", "matches the", "fine", "intact", "fit for use")
+HEDGES = ("maybe", "hard to tell", "not sure", "might", "perhaps", "unclear")
+REASONS = ("so ", "because", " can ", "could", "which", "means", "fit for use", ";")
+_DECISION = re.compile(r"\b(yes|no|true|false)\b", re.IGNORECASE)
+
+
+def extract_decision(text: str | None) -> str | None:
+    """'yes' / 'no' from the first yes/no/true/false word of `text`, else None."""
+    m = _DECISION.search(text or "")
+    if m is None:
+        return None
+    return "yes" if m.group(1).lower() in ("yes", "true") else "no"
+
+
+def _neighbours(region: str) -> set[str]:
+    r, c = divmod(REGIONS.index(region), 3)
+    return {REGIONS[3 * rr + cc] for rr in range(3) for cc in range(3)
+            if max(abs(rr - r), abs(cc - c)) == 1}
+
+
+def _regions_named(text: str) -> list[str]:
+    """Regions named in text; "top-left" does not also count as "top" or "left"."""
+    found, rest = [], text
+    for reg in sorted(REGIONS, key=len, reverse=True):
+        pat = re.compile(rf"\b{re.escape(reg)}\b")
+        if pat.search(rest):
+            found.append(reg)
+            rest = pat.sub(" ", rest)
+    return found
+
+
+def _types_named(text: str) -> list[str]:
+    return [d for d, words in DEFECT_WORDS.items() if any(w in text for w in words)]
+
+
+def _type_score(text: str, truth: dict) -> int:
+    types = _types_named(text)
+    hedged = any(h in text for h in HEDGES)
+    if truth["anomalous"]:
+        if truth["defect"] in types:
+            return 5
+        if types:
+            return 1
+        if any(g in text for g in GENERIC) and not any(n in text for n in NORMAL):
+            return 3
+        return 3 if hedged else 1
+    if types:
+        return 1
+    return 3 if hedged else (5 if any(n in text for n in NORMAL) else 3)
+
+
+def _loc_score(text: str, truth: dict) -> int:
+    named = _regions_named(text)
+    if not truth["anomalous"]:
+        return 2 if named else 5
+    if truth["defect"] == "colour deviation" and (
+            "whole" in text or "overall" in text or "center" in named):
+        return 5
+    if truth["region"] in named:
+        return 5
+    if not named:
+        return 2
+    return 3 if any(n in _neighbours(truth["region"]) for n in named) else 1
+
+
+def _logic_score(text: str, decision: str | None, label: str, truth: dict) -> int:
+    if decision is None or decision != label:
+        return 1
+    if any(h in text for h in HEDGES):
+        return 2
+    score = 5 if any(r in text for r in REASONS) else 3
+    claims_defect = bool(_types_named(text)) or any(g in text for g in GENERIC[:3])
+    claims_normal = any(n in text for n in NORMAL)
+    if (truth["anomalous"] and claims_normal and not claims_defect) or (
+            not truth["anomalous"] and claims_defect and not claims_normal):
+        score -= 1
+    return score
+
+
+def oracle_scores(answer: str, truth: dict, label: str, question: str) -> tuple[int, int, int]:
+    """(type, location, logic), each 1..5, for a free-text answer (rules: module docstring)."""
+    if not isinstance(truth, dict) or "anomalous" not in truth:
+        raise KeyError(f"oracle needs a SynthAD 'truth' with 'anomalous'; got {truth!r}")
+    if label not in ("yes", "no"):
+        raise ValueError(f"oracle needs label 'yes' or 'no'; got {label!r}")
+    text = (answer or "").lower()
+    decision = extract_decision(text)
+    return _type_score(text, truth), _loc_score(text, truth), _logic_score(text, decision,
+                                                                            label, truth)

@@ -1,0 +1,93 @@
+"""SynthAD: determinism, schema validity of every split, groups of 5 of one level, ranked
+answers (by the oracle judge), unseen categories kept out of training.
+Run: python -m pytest -q tests/data/test_synthad.py"""
+
+import hashlib
+import json
+from collections import defaultdict
+
+import pytest
+
+from sage.data.oracle import oracle_scores
+from sage.data.prompts import FACT_PROMPTS
+from sage.data.schema import load_jsonl
+from sage.data.synthad import LEVELS, UNSEEN, generate
+
+SPLITS = ("sfe_train", "edpo_train", "test_seen", "test_unseen")
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synthad")
+    generate(out, seed=0, scale=0.1)
+    return out
+
+
+def test_deterministic_for_a_seed(synth, tmp_path):
+    again = tmp_path / "again"
+    generate(again, seed=0, scale=0.1)
+    for name in ("sfe_train.jsonl", "pretrain.jsonl", "corpus.txt", "manifest.json"):
+        assert (synth / name).read_bytes() == (again / name).read_bytes(), name
+    rec = json.loads((synth / "test_unseen.jsonl").read_text().split("\n")[0])
+    for key in ("test_image", "reference_image"):
+        a, b = (hashlib.sha256((d / rec[key]).read_bytes()).hexdigest() for d in (synth, again))
+        assert a == b
+    other = tmp_path / "other"
+    generate(other, seed=1, scale=0.1)
+    assert (synth / "sfe_train.jsonl").read_bytes() != (other / "sfe_train.jsonl").read_bytes()
+
+
+def test_every_split_validates_with_images(synth):
+    for split in SPLITS:
+        assert load_jsonl(synth / f"{split}.jsonl", kind="qa", check_images=True)
+    assert load_jsonl(synth / "pretrain.jsonl", kind="general", check_images=True)
+
+
+def test_groups_have_five_questions_on_one_pair_and_one_level(synth):
+    levels = set()
+    for split in SPLITS:
+        groups = defaultdict(list)
+        for r in load_jsonl(synth / f"{split}.jsonl", kind="qa"):
+            groups[r["group"]].append(r)
+        for gid, rs in groups.items():
+            assert len(rs) == 5, gid
+            assert len({(r["test_image"], r["reference_image"], r["level"]) for r in rs}) == 1
+            levels.add(rs[0]["level"])
+    assert levels == set(LEVELS)
+
+
+def test_labels_balanced_and_mix_of_normal_and_anomalous(synth):
+    recs = [r for s in SPLITS for r in load_jsonl(synth / f"{s}.jsonl", kind="qa")]
+    yes = sum(r["label"] == "yes" for r in recs) / len(recs)
+    anomalous = sum(r["truth"]["anomalous"] for r in recs) / len(recs)
+    assert 0.3 < yes < 0.7 and 0.4 < anomalous < 0.8
+
+
+def test_answers_ranked_by_the_oracle(synth):
+    means, n = [0.0] * 4, 0
+    for split in SPLITS:
+        for r in load_jsonl(synth / f"{split}.jsonl", kind="qa"):
+            s = [sum(oracle_scores(a, r["truth"], r["label"], r["question"])) / 3
+                 for a in r["answers"]]
+            assert s[0] > s[3], r["id"]  # A1 > A4 always
+            means = [m + x for m, x in zip(means, s)]
+            n += 1
+    means = [m / n for m in means]
+    assert means[0] >= means[1] >= means[2] >= means[3], means
+
+
+def test_unseen_categories_only_in_test_unseen(synth):
+    manifest = json.loads((synth / "manifest.json").read_text())
+    assert set(manifest["categories"]["unseen"]) == set(UNSEEN)
+    for split in ("sfe_train", "edpo_train", "test_seen"):
+        assert not {r["category"] for r in load_jsonl(synth / f"{split}.jsonl")} & set(UNSEEN)
+    assert {r["category"] for r in load_jsonl(synth / "test_unseen.jsonl")} == set(UNSEEN)
+
+
+def test_pretrain_has_no_anomaly_qa(synth):
+    qa_questions = {r["question"] for s in SPLITS for r in load_jsonl(synth / f"{s}.jsonl")}
+    pre = load_jsonl(synth / "pretrain.jsonl", kind="general")
+    assert not {r["question"] for r in pre} & qa_questions
+    # general knowledge only: no Yes/No inspection verdicts, but the fact prompts are there
+    assert not any(r["answers"][0].split(".")[0] in ("Yes", "No") for r in pre)
+    assert any(r["question"] == FACT_PROMPTS[0] for r in pre)
