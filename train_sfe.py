@@ -9,7 +9,7 @@ no anomaly QA) and runs the Table 3 ablations (`--facts hard|none`).
     torchrun --nproc_per_node=2 train_sfe.py              # same, 2 gloo processes
     torchrun --nproc_per_node=8 train_sfe.py --init weights/InternVL2-40B \
         --data data/adpl --split mvtec_train --activation_checkpointing   # real model, 8xA100
-    python train_sfe.py --plan --preset internvl2-40b --plan-world 8 --plan-gpu-gib 80
+    python train_sfe.py --plan --preset internvl2-40b --plan_world 8 --plan_gpu_gib 80
 """
 
 import argparse

@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> None:
              "--scale", str(args.scale)], log)
     for split in ("sfe_train", "edpo_train", "test_unseen"):
         run([py, "-m", "sage.facts", "--data", str(data / f"{split}.jsonl"),
-             "--out", str(data / "facts_base.jsonl"), "--model", args.base, "--fill"], log)
+             "--out", str(data / "facts_base.jsonl"), "--model", args.base, "--fill",
+             "--n-facts", "4", "--batch-size", "16", "--max-new-tokens", "32"], log)
     run([py, "-m", "sage.mle", "score", "--data", str(data / "edpo_train.jsonl"),
          "--judge", "oracle", "--in-place"], log)
     run([py, "train_sfe.py", "--init", args.base, "--data", str(data), "--out",

@@ -22,6 +22,7 @@ def pred(group, level, label, decision, mle=None, **kw):
     ("True: a hole at the top.", "yes"),
     ("False.", "no"),
     ("No, but yes there could be", "no"),          # the first decision word wins
+    ("The part is defective, so yes.", "yes"),
     ("I see a notch on the knob", None),           # "no" inside a word does not count
     ("Yesterday it was fine", None),
     ("", None),

@@ -164,3 +164,16 @@ def test_evaluate_end_to_end(base, synth, tmp_path):
     assert len(preds) == 20 and all("decision" in p and "mle" in p for p in preds)
     assert "Table 1" in (out / "report.md").read_text()
     assert list(out.glob("selection_*.png"))
+
+
+def test_quickstart_fast(base, tmp_path):
+    """The README's main command in a reduced size: every stage runs and the table is written."""
+    out = tmp_path / "qs"
+    run("-m", "sage.quickstart", "--fast", "--base", str(base), "--data", str(tmp_path / "synth"),
+        "--out", str(out))
+    report = (out / "eval" / "report.md").read_text()
+    for name in ("| Base |", "| SFE |", "| SFE+E-DPO |"):
+        assert name in report
+    results = json.loads((out / "eval" / "metrics.json").read_text())["results"]
+    assert set(results["SFE+E-DPO"]) == {"zero-shot", "one-shot"}
+    assert (out / "sfe" / "export" / "model.safetensors").exists()
