@@ -61,7 +61,7 @@ p.add_argument("--plan_seq_len", type=int, default=2048, help="--plan: tokens pe
 args = p.parse_args()
 
 RECIPES = {"paper": dict(lr=2e-6, warmup=1000, max_steps=5000),
-           "tiny": dict(lr=1e-3 if args.stage == "pretrain" else 3e-4, warmup=30, max_steps=300)}
+           "tiny": dict(lr=1e-3, warmup=30, max_steps=300)}
 
 # ----------------------------------------------------------------------------- memory plan
 if args.plan:

@@ -53,8 +53,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--base", default="weights/sage-tiny-base", help="pretrained base VLM")
     p.add_argument("--out", default="runs/ablations", help="run directory")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds")
-    p.add_argument("--sfe_steps", type=int, default=150, help="Stage 1 optimizer steps")
-    p.add_argument("--edpo_steps", type=int, default=40, help="Stage 2 optimizer steps")
+    p.add_argument("--sfe_steps", type=int, default=200, help="Stage 1 optimizer steps")
+    p.add_argument("--edpo_steps", type=int, default=30, help="Stage 2 optimizer steps")
     p.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True,
                    help="also run the N / K sweep (Fig. 7)")
     p.add_argument("--fast", action="store_true", help="2 steps each, 20 test records")
@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> None:
     def dpo(name, seed, init, loss):
         d = out / f"s{seed}" / name
         run([py, "train_edpo.py", "--init", init, "--data", str(data), "--out", str(d),
-             "--max_steps", str(args.edpo_steps), "--seed", str(seed), "--loss", loss], log)
+             "--max_steps", str(args.edpo_steps), "--global_batch", "16", "--seed", str(seed),
+             "--loss", loss], log)
         return str(d / "export")
 
     table = {}

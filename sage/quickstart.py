@@ -48,8 +48,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--base", default="weights/sage-tiny-base", help="pretrained base VLM")
     p.add_argument("--out", default="runs/quickstart", help="run directory")
     p.add_argument("--seed", type=int, default=0, help="data and training seed")
-    p.add_argument("--sfe_steps", type=int, default=150, help="Stage 1 optimizer steps")
-    p.add_argument("--edpo_steps", type=int, default=40, help="Stage 2 optimizer steps")
+    p.add_argument("--sfe_steps", type=int, default=200, help="Stage 1 optimizer steps")
+    p.add_argument("--edpo_steps", type=int, default=30, help="Stage 2 optimizer steps")
     p.add_argument("--scale", type=float, default=1.0, help="SynthAD size multiplier")
     p.add_argument("--fast", action="store_true", help="tiny sizes and 2 steps each (smoke)")
     args = p.parse_args(argv)
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
          str(out / "sfe"), "--max_steps", str(args.sfe_steps), "--seed", str(args.seed)], log)
     run([py, "train_edpo.py", "--init", str(out / "sfe" / "export"), "--data", str(data),
          "--out", str(out / "edpo"), "--max_steps", str(args.edpo_steps),
-         "--seed", str(args.seed)], log)
+         "--global_batch", "16", "--seed", str(args.seed)], log)
     run([py, "evaluate.py", "--model", args.base, str(out / "sfe" / "export"),
          str(out / "edpo" / "export"), "--names", "Base", "SFE", "SFE+E-DPO",
          "--data", str(data), "--split", "test_unseen", "--setting", "both",

@@ -6,6 +6,8 @@ noisy background; an anomalous test image carries one defect at one of 9 regions
 scratch, hole, crack, stain, colour deviation (the object is drawn in another variant's
 colour: abnormal only relative to the reference) or a missing component. Every test image has
 a normal reference: another instance of the same variant with pose and lighting jitter.
+Half of the pairs are anomalous, and no question template can be answered from its wording
+alone (label balance, P_TRUE below).
 
 Each test/reference pair gets a group of 5 questions of one level (standard comparison ~44%,
 defect identification ~37%, deep diagnosis ~19%, as in AD-PL), each with 4 ranked answers:
@@ -43,6 +45,11 @@ REGIONS = ("top-left", "top", "top-right", "left", "center", "right", "bottom-le
 DEFECTS = ("scratch", "hole", "crack", "stain", "colour deviation", "missing component")
 LEVELS = ("standard", "identification", "diagnosis")
 LEVEL_WEIGHTS = (0.44, 0.37, 0.19)
+# Label balance: no question template may be answerable from its wording alone. Half the
+# pairs are anomalous; a type / region / cause question names the true one with P_TRUE.
+# Measured on the default seed: majority label per template answers 57% of test_unseen
+# (was 72% before the balance), so accuracy above that needs the images.
+P_TRUE = 0.7
 UNSEEN = ("nut", "cable")  # evaluation-only categories (paper protocol: unseen categories)
 
 CONSEQUENCE = {
@@ -318,22 +325,22 @@ def questions_for(level: str, t: dict, cat: Category, rng: np.random.Generator):
     if level == "standard":
         return [(f"Is there any anomaly in the test {n} compared with the reference?", yn(anom)),
                 (f"Does the test {n} look the same as the normal reference?", yn(not anom)),
-                (f"Is the colour of the test {n} the same as in the reference?",
-                 yn(dfc != "colour deviation")),
-                (f"Are all components of the {n} present as in the reference?",
-                 yn(dfc != "missing component")),
+                (f"Is the test {n} defective?", yn(anom)),
+                (f"Does the test {n} show any difference from the reference?", yn(anom)),
                 (f"Should the test {n} pass the quality inspection?", yn(not anom))]
     if level == "identification":
         qs = []
         for _ in range(3):
-            ask = dfc if (anom and rng.random() < 0.5) else other(rng, DEFECTS, dfc)
+            ask = dfc if (anom and rng.random() < P_TRUE) else other(rng, DEFECTS, dfc)
             qs.append((f"Is there a {ask} on the {n}?", yn(anom and ask == dfc)))
-        reg = t["region"] if (anom and rng.random() < 0.5) else other(rng, REGIONS, t["region"])
+        reg = (t["region"] if (anom and rng.random() < P_TRUE)
+               else other(rng, REGIONS, t["region"]))
         qs.append((f"Is there a defect at the {reg} of the {n}?",
                    yn(anom and reg == t["region"])))
         qs.append((f"Is the {n} free of defects?", yn(not anom)))
         return qs
-    cause = CAUSE[dfc] if (anom and rng.random() < 0.5) else CAUSE[other(rng, DEFECTS, dfc)]
+    cause = (CAUSE[dfc] if (anom and rng.random() < P_TRUE)
+             else CAUSE[other(rng, DEFECTS, dfc)])
     return [(f"Would this {n} work reliably in use?", yn(not anom)),
             (f"Could a defect on this {n} cause it to fail?", yn(anom)),
             (f"Does this {n} need rework or rejection?", yn(anom)),
@@ -373,14 +380,16 @@ def sample_pair(cat: Category, rng: np.random.Generator, size: int, anomalous: b
 
 
 def make_groups(split: str, cats: list[Category], n_groups: int, out: Path, size: int,
-                rng: np.random.Generator, p_anomalous: float = 0.6) -> list[dict]:
+                rng: np.random.Generator, p_anomalous: float = 0.5) -> list[dict]:
     """n_groups test/reference pairs, 5 QA records each."""
     records = []
     img_dir = out / "images" / split
     img_dir.mkdir(parents=True, exist_ok=True)
+    n_anom = int(round(p_anomalous * n_groups))
+    anomalous = rng.permutation([True] * n_anom + [False] * (n_groups - n_anom))
     for g in range(n_groups):
         cat = cats[g % len(cats)]
-        test, ref, truth = sample_pair(cat, rng, size, rng.random() < p_anomalous)
+        test, ref, truth = sample_pair(cat, rng, size, bool(anomalous[g]))
         gid = f"synth-{split}-{cat.name}-{g:05d}"
         test.save(img_dir / f"{gid}.png")
         ref.save(img_dir / f"{gid}_ref.png")

@@ -11,7 +11,7 @@ import pytest
 from sage.data.oracle import oracle_scores
 from sage.data.prompts import FACT_PROMPTS
 from sage.data.schema import load_jsonl
-from sage.data.synthad import LEVELS, UNSEEN, generate
+from sage.data.synthad import CAUSE, DEFECTS, LEVELS, REGIONS, UNSEEN, generate
 
 SPLITS = ("sfe_train", "edpo_train", "test_seen", "test_unseen")
 
@@ -61,6 +61,25 @@ def test_labels_balanced_and_mix_of_normal_and_anomalous(synth):
     yes = sum(r["label"] == "yes" for r in recs) / len(recs)
     anomalous = sum(r["truth"]["anomalous"] for r in recs) / len(recs)
     assert 0.3 < yes < 0.7 and 0.4 < anomalous < 0.8
+
+
+def template_prior(recs):
+    """Accuracy of answering every question with its template's majority label (the category,
+    defect, region and cause named in it masked): what a model that ignores the images gets."""
+    import re
+    words = "|".join(sorted(set(CAUSE.values()) | set(DEFECTS) | set(REGIONS), key=len,
+                            reverse=True))
+    by = defaultdict(lambda: defaultdict(int))
+    for r in recs:
+        by[re.sub(words, "_", r["question"].replace(r["category"], "_"))][r["label"]] += 1
+    return sum(max(c.values()) for c in by.values()) / len(recs)
+
+
+def test_question_wording_does_not_give_the_answer(synth):
+    recs = [r for s in SPLITS for r in load_jsonl(synth / f"{s}.jsonl", kind="qa")]
+    assert template_prior(recs) < 0.64
+    # the masking is right: with the masked words kept, a template leaks even more
+    assert template_prior([{**r, "category": "@"} for r in recs]) >= template_prior(recs)
 
 
 def test_answers_ranked_by_the_oracle(synth):
