@@ -24,6 +24,7 @@ import json
 import sys
 from pathlib import Path
 
+from sage.config import SageConfig
 from sage.quickstart import run
 
 
@@ -81,10 +82,11 @@ def main(argv: list[str] | None = None) -> None:
              "--loss", loss], log)
         return str(d / "export")
 
-    table = {}
+    table, fe_of = {}, {}
     for seed in args.seeds:
         hard, fe, sft = (sfe("hard", seed, "--facts", "hard"), sfe("fe", seed),
                          sfe("sft", seed, "--facts", "none"))
+        fe_of[seed] = fe
         models = {"Baseline": args.base, "+Fact[Hard]": hard, "+Fact[FE]": fe,
                   "+DPO": dpo("sft_dpo", seed, sft, "dpo"),
                   "SFE+DPO": dpo("fe_dpo", seed, fe, "dpo"),
@@ -101,8 +103,11 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.sweep:
         seed = args.seeds[0]
-        models = {f"N={n}": sfe(f"n{n}", seed, "--n_facts", str(n)) for n in (1, 2, 4)}
-        models.update({f"K={k}": sfe(f"k{k}", seed, "--top_k", str(k)) for k in (2, 8, 32)})
+        cfg = SageConfig.from_pretrained(args.base)  # the default N and K: the +Fact[FE] run
+        models = {f"N={n}": fe_of[seed] if n == cfg.n_facts else
+                  sfe(f"n{n}", seed, "--n_facts", str(n)) for n in (1, 2, 4)}
+        models.update({f"K={k}": fe_of[seed] if k == cfg.top_k else
+                       sfe(f"k{k}", seed, "--top_k", str(k)) for k in (2, 8, 32)})
         res = evaluate(models, data, out / f"s{seed}" / "eval_sweep", "one-shot", log, limit)
         lines = [f"Fig. 7 at tiny scale: SFE one-shot on test_unseen, seed {seed}", "",
                  "| Setting | Accuracy (avg of levels) | Acc-G | MLE score |",

@@ -100,7 +100,7 @@ class SageModel(nn.Module):
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values (n_tiles, 3, S, S) -> visual tokens v (n_tiles, T, C), T = cfg.n_image_tokens.
 
-        InternViT runs without autograd when it is frozen (DESIGN §2), the adapter with it.
+        InternViT runs without autograd when it is frozen (DESIGN §2); the adapter always with it.
         """
         vit_trainable = any(p.requires_grad for p in self.vision.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and vit_trainable):
