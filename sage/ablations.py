@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 from sage.config import SageConfig
-from sage.quickstart import run
+from sage.quickstart import EDPO_GLOBAL_BATCH, run
 
 
 def evaluate(models: dict[str, str], data: Path, out: Path, setting: str, log: Path,
@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> None:
     def dpo(name, seed, init, loss):
         d = out / f"s{seed}" / name
         run([py, "train_edpo.py", "--init", init, "--data", str(data), "--out", str(d),
-             "--max_steps", str(args.edpo_steps), "--global_batch", "16", "--seed", str(seed),
+             "--max_steps", str(args.edpo_steps), "--global_batch", str(EDPO_GLOBAL_BATCH),
+             "--seed", str(seed),
              "--loss", loss], log)
         return str(d / "export")
 

@@ -226,7 +226,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data", required=True, help="JSONL records whose test images get facts")
     p.add_argument("--kind", default="qa", choices=("qa", "general"), help="record kind")
     p.add_argument("--out", required=True, help="fact cache (JSONL), appended to")
-    p.add_argument("--n-facts", type=int, default=8, help="N: fact sentences kept per image")
+    p.add_argument("--n-facts", type=int, default=None,
+                   help="N: fact sentences kept per image (default: n_facts of --model's "
+                        "config, else 8 as for InternVL2-40B)")
     p.add_argument("--fill", nargs="?", const="", default=None,
                    help="also write the records with their 'facts' field: to this JSONL beside "
                         "--data, or with no value back into --data (temporary file + rename)")
@@ -245,6 +247,10 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     if a.model and a.openai:
         p.error("give either --model DIR or --openai, not both")
+    if a.n_facts is None:
+        from sage.config import SageConfig
+
+        a.n_facts = SageConfig.from_pretrained(a.model).n_facts if a.model else 8
 
     data = Path(a.data)
     records = load_jsonl(data, kind=a.kind)

@@ -18,7 +18,6 @@ BASE = Path(__file__).resolve().parents[1] / "weights" / "sage-tiny-base"
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
     return sage.load_pretrained(BASE).eval()
 
 

@@ -71,15 +71,19 @@ def main() -> None:
     warmup = 8
     cache = model.new_cache(1, args.prompt + warmup + args.tokens, dtype=dtype, device=device)
     ids = torch.randint(10, cfg.vocab_size, (1, args.prompt), device=device)
+
+    def step(x: torch.Tensor) -> torch.Tensor:  # greedy next token (1, 1) with the cache
+        return model(input_ids=x, cache=cache, logits_to_keep=1)[:, -1].argmax(-1, keepdim=True)
+
     with torch.no_grad():
-        tok = model(input_ids=ids, cache=cache, logits_to_keep=1)[:, -1].argmax(-1, keepdim=True)
+        tok = step(ids)  # prefill
         for _ in range(warmup):
-            tok = model(input_ids=tok, cache=cache, logits_to_keep=1)[:, -1].argmax(-1, keepdim=True)
+            tok = step(tok)
         sync()
         ctx0 = cache.length
         t = time.perf_counter()
         for _ in range(args.tokens):
-            tok = model(input_ids=tok, cache=cache, logits_to_keep=1)[:, -1].argmax(-1, keepdim=True)
+            tok = step(tok)
         sync()
         per_token = (time.perf_counter() - t) / args.tokens
 

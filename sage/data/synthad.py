@@ -275,7 +275,7 @@ def render(cat: Category, variant: int, size: int, rng: np.random.Generator, sca
     """One product photo: pose / lighting jitter, optional defect. `fixture` (from
     `fixture()`) places several shots on one bench and pose, each with the small SHOT_JITTER."""
     rgb = cat.variants[variant if colour_variant is None else colour_variant][1]
-    if fixture is None:
+    if fixture is None:  # a single shot; its draw order keeps the pretrain split unchanged
         img = background(size, rng)
         offset = rng.uniform(-POSE_JITTER, POSE_JITTER, 2) * size
         scale *= rng.uniform(1 - SCALE_JITTER, 1 + SCALE_JITTER)
