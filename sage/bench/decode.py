@@ -50,6 +50,8 @@ def main() -> None:
     p.add_argument("--prompt", type=int, default=1024, help="prefilled prompt tokens")
     p.add_argument("--tokens", type=int, default=64, help="timed decode steps (after 8 warm-up)")
     p.add_argument("--copy_gib", type=float, default=2.0, help="bandwidth probe size (GiB)")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="also profile 4 decode steps and print their N costliest kernels")
     args = p.parse_args()
 
     cuda = torch.cuda.is_available()
@@ -69,7 +71,9 @@ def main() -> None:
     model.to(dtype).eval()
 
     warmup = 8
-    cache = model.new_cache(1, args.prompt + warmup + args.tokens, dtype=dtype, device=device)
+    extra = 4 if args.profile else 0  # the profiled steps
+    cache = model.new_cache(1, args.prompt + warmup + args.tokens + extra, dtype=dtype,
+                            device=device)
     ids = torch.randint(10, cfg.vocab_size, (1, args.prompt), device=device)
 
     def step(x: torch.Tensor) -> torch.Tensor:  # greedy next token (1, 1) with the cache
@@ -86,6 +90,16 @@ def main() -> None:
             tok = step(tok)
         sync()
         per_token = (time.perf_counter() - t) / args.tokens
+        if args.profile:
+            from torch.profiler import ProfilerActivity, profile
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+            with profile(activities=acts) as prof:
+                for _ in range(4):
+                    tok = step(tok)
+                sync()
+            key = "self_device_time_total" if cuda else "self_cpu_time_total"
+            print(prof.key_averages().table(sort_by=key, row_limit=args.profile,
+                                            max_name_column_width=60))
 
     elt = torch.finfo(dtype).bits // 8
     n_weights = sum(p.numel() for p in model.parameters()) - model.embed_tokens.weight.numel()

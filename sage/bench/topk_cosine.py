@@ -2,6 +2,9 @@
 
 On CUDA (default bf16), per shape (B, P, R, C): median time (triton.testing.do_bench) of
   triton   topk_cosine(impl="triton"): fused cosine + running max/argmax, K lowest
+  tri-pass   the same with the norms from a separate pass (fuse_norm=False)
+  tri-fused  the same with the norms summed from the dot's tiles (fuse_norm=True)
+  tri-scores the Triton scores alone (default norm choice), without the K-lowest sort
   spec     topk_cosine(impl="torch"): the fp32 specification (normalise, chunked bmm, argmax)
   unfused  normalise -> bmm -> amax -> topk in the input dtype, materialising (B, P, R)
   bmm      cuBLAS torch.bmm(test, ref^T) alone, the matmul every variant has to do
@@ -20,7 +23,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from sage.kernels.topk_cosine import topk_cosine
+from sage.kernels.topk_cosine import _kernels, nn_scores_triton, select_lowest, topk_cosine
 
 GPU_SHAPES = ["32,256,256,7168", "8,3328,3328,7168", "32,1024,1024,3200"]  # B,P,R,C
 CPU_SHAPES = ["2,64,64,256"]
@@ -62,32 +65,56 @@ def bench_shape(B, P, R, C, k, dtype, device):
     test = torch.randn(B, P, C, generator=g, device=device).to(dtype)  # (B, P, C)
     ref = torch.randn(B, R, C, generator=g, device=device).to(dtype)  # (B, R, C)
     variants = {"triton": lambda: topk_cosine(test, ref, k, impl="triton"),
+                "tri-pass": lambda: select_lowest(*nn_scores_triton(test, ref, fuse_norm=False), k),
+                "tri-fused": lambda: select_lowest(*nn_scores_triton(test, ref, fuse_norm=True), k),
+                "tri-scores": lambda: nn_scores_triton(test, ref),
                 "spec": lambda: topk_cosine(test, ref, k, impl="torch"),
                 "unfused": lambda: unfused_torch(test, ref, k),
                 "bmm": lambda: torch.bmm(test, ref.transpose(1, 2))}
-    if device != "cuda":
-        del variants["triton"]  # the interpreter is far too slow to time
+    if device != "cuda":  # the interpreter is far too slow to time
+        variants = {n: f for n, f in variants.items() if not n.startswith("tri")}
     spec_idx = variants["spec"]()[0].sort(1).values
     rows = []
     for name, fn in variants.items():
         out = fn()  # warm-up (and autotuning for the Triton kernel) before memory and timing
         agree = None
-        if name != "bmm":
+        if name not in ("bmm", "tri-scores"):
             agree = (out[0].sort(1).values == spec_idx).float().mean().item()
         if device == "cuda":
             import triton.testing
             mem = extra_peak_mib(fn)
             ms = triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+            if name.startswith("tri"):
+                name += f" {_kernels()[1].best_config}"  # the autotuned tile of the last launch
         else:
             mem, ms = None, median_ms_cpu(fn)
         rows.append((name, ms, mem, agree))
     return rows
 
 
+def split_sweep(B, P, R, C, dtype, splits=(1, 2, 4, 8)):
+    """Median ms of the Triton scores for each reference split and norm placement (CUDA)."""
+    import triton.testing
+    g = torch.Generator(device="cuda").manual_seed(0)
+    test = torch.randn(B, P, C, generator=g, device="cuda").to(dtype)
+    ref = torch.randn(B, R, C, generator=g, device="cuda").to(dtype)
+    out = {}
+    for n in splits:
+        if n > -(-R // 16):
+            continue
+        for fuse in (False, True):
+            fn = lambda: nn_scores_triton(test, ref, n_split=n, fuse_norm=fuse)  # noqa: E731
+            fn()  # autotune for this key
+            out[n, fuse] = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--k", type=int, default=32, help="K selected tokens (SageConfig.top_k)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="input dtype")
+    parser.add_argument("--sweep", action="store_true",
+                        help="also time the Triton scores for n_split 1..8, norms fused or not")
     parser.add_argument("--shape", action="append", default=None,
                         help="B,P,R,C (repeatable); default: the InternVL2-40B-like shapes on "
                              "CUDA, a small smoke shape on CPU")
@@ -118,6 +145,15 @@ def main():
             agree_s = f"{agree:.3f}" if agree is not None else "-"
             print(f"| {B}, {P}, {R}, {C} | {name} | {ms:.3f} | {ratio} | "
                   f"{flops / ms / 1e9:.3g} | {mem_s} | {agree_s} |")
+    if args.sweep and device == "cuda":
+        print("\nTriton scores (no sort), median ms by reference split n_split and norm placement")
+        print("| B, P, R, C | n_split | norm pass | fused norms |\n|---|---:|---:|---:|")
+        for shape in shapes:
+            B, P, R, C = (int(x) for x in shape.split(","))
+            times = split_sweep(B, P, R, C, dtype)
+            for n in sorted({n for n, _ in times}):
+                print(f"| {B}, {P}, {R}, {C} | {n} | {times[n, False]:.3f} | "
+                      f"{times[n, True]:.3f} |")
 
 
 if __name__ == "__main__":

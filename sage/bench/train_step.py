@@ -78,6 +78,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10, help="timed steps (after 3 warm-up)")
     p.add_argument("--activation_checkpointing", action=argparse.BooleanOptionalAction,
                    default=False)
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after timing, profile one step and print its N costliest kernels")
     args = p.parse_args()
 
     dist = init_distributed()
@@ -95,34 +97,53 @@ def main() -> None:
     batch = synthetic_batch(cfg, args.batch, args.seq_len, dist.device, gen)
     sync = torch.cuda.synchronize if dist.device.type == "cuda" else (lambda: None)
 
-    def one_step():
+    def one_step(update: bool = True):
         _, loss_sum, n_tok = model(batch)
         (loss_sum.sum() / n_tok.sum()).backward()
-        grad_norm_and_clip(model, 1.0)
-        opt.step()
+        if update:
+            grad_norm_and_clip(model, 1.0)
+            opt.step()
         opt.zero_grad(set_to_none=True)
+
+    def timed(update: bool) -> float:  # seconds per step
+        t = time.perf_counter()
+        for _ in range(args.steps):
+            one_step(update)
+        sync()
+        return (time.perf_counter() - t) / args.steps
 
     for _ in range(3):
         one_step()
     sync()
     if dist.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    t = time.perf_counter()
-    for _ in range(args.steps):
-        one_step()
-    sync()
-    dt = (time.perf_counter() - t) / args.steps
+    dt = timed(update=True)
+    # Without clipping and AdamW: on one GPU the slice's optimizer updates every parameter,
+    # while on N ranks each updates 1/N of them, so this is the large-N limit of a rank's step.
+    dt_fb = timed(update=False)
     flops = step_flops(cfg, args.batch, args.seq_len)
     tokens = args.batch * args.seq_len
     print(f"slice: {args.preset} width, {args.llm_layers} LLM layers + {args.vit_layers} ViT "
           f"blocks, micro-batch {args.batch} x {args.seq_len} tokens, activation checkpointing "
           f"{args.activation_checkpointing}, device {dist.device}")
     print(f"step {dt * 1000:.1f} ms | {tokens / dt:,.0f} tok/s | {flops / dt / 1e12:.1f} TFLOP/s")
+    print(f"forward + backward alone {dt_fb * 1000:.1f} ms | {flops / dt_fb / 1e12:.1f} TFLOP/s")
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dist.device.type == "cuda"
+                                         else [])
+        with profile(activities=acts) as prof:
+            one_step()
+            sync()
+        key = "self_device_time_total" if dist.device.type == "cuda" else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=key, row_limit=args.profile,
+                                        max_name_column_width=60))
     if dist.device.type == "cuda":
         name = torch.cuda.get_device_name()
         peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
         if peak:
-            print(f"MFU {100 * flops / dt / peak:.1f}% of {peak / 1e12:.0f} TFLOP/s ({name})")
+            print(f"MFU {100 * flops / dt / peak:.1f}% of {peak / 1e12:.0f} TFLOP/s ({name}); "
+                  f"forward + backward alone {100 * flops / dt_fb / peak:.1f}%")
         measured = torch.cuda.max_memory_allocated() / 2**30
         plan = plan_memory(cfg, world=1, gpu_gib=torch.cuda.get_device_properties(0).total_memory
                            / 2**30, micro_batch=args.batch, seq_len=args.seq_len, stage="sfe",

@@ -111,24 +111,34 @@ if triton is not None:
                           B, P, R, C, R_SPLIT,
                           st_b, st_p, st_c, sr_b, sr_r, sr_c,
                           MODE_MIN: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                          BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                          FUSE_NORM: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
+                          BLOCK_C: tl.constexpr):
         """Running max_j (or min_j) of cos(test[b, i], ref[b, j]) over j in this program's split.
-        Grid (cdiv(P, BLOCK_P), n_split, B); writes best/arg[split, b, i] (fp32, int32)."""
+        Grid (cdiv(P, BLOCK_P), n_split, B); writes best/arg[split, b, i] (fp32, int32).
+        FUSE_NORM: sum the squares of the tiles already loaded for the dot instead of reading
+        the inverse norms of _inv_norm_kernel (saves a pass over the inputs; costs CUDA-core
+        work per tile, so it pays when a program sees few reference tiles).
+        max_j (t.r_j / |r_j|) / |t| = max_j cos: 1/|t_i| > 0 is applied once at the end."""
         pid_p, split, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
         offs_c = tl.arange(0, BLOCK_C)
         mask_p = offs_p < P
         t_base = t_ptr + b.to(tl.int64) * st_b
         r_base = r_ptr + b.to(tl.int64) * sr_b
-        inv_t = tl.load(inv_t_ptr + b * P + offs_p, mask=mask_p, other=0.0)  # (BLOCK_P,)
         r_lo = split * R_SPLIT
-        r_hi = tl.minimum(r_lo + R_SPLIT, R)
+        r_end = r_lo + R_SPLIT  # the last split may reach past R: those rows are masked
         best = tl.full([BLOCK_P], float("-inf"), dtype=tl.float32)
         best_j = tl.zeros([BLOCK_P], dtype=tl.int32)
-        for r0 in range(r_lo, r_hi, BLOCK_R):  # reference tiles in ascending j order
+        sq_t = tl.zeros([BLOCK_P], dtype=tl.float32)  # FUSE_NORM: |t_i|^2 (carried out of the loop)
+        # reference tiles in ascending j order (the bounds avoid program_id: Triton 3.6's
+        # interpreter cannot take a range bound derived from it under numpy 2.5)
+        for dr in range(0, R_SPLIT, BLOCK_R):
+            r0 = r_lo + dr
             offs_r = r0 + tl.arange(0, BLOCK_R)
-            mask_r = offs_r < r_hi
+            mask_r = (offs_r < R) & (offs_r < r_end)
             acc = tl.zeros([BLOCK_P, BLOCK_R], dtype=tl.float32)
+            sq_t = tl.zeros([BLOCK_P], dtype=tl.float32)
+            sq_r = tl.zeros([BLOCK_R], dtype=tl.float32)  # FUSE_NORM: |r_j|^2
             for c0 in range(0, C, BLOCK_C):  # any C: masked tail chunk contributes zeros
                 mask_c = c0 + offs_c < C
                 a = tl.load(t_base + offs_p[:, None] * st_p + (c0 + offs_c[None, :]) * st_c,
@@ -138,8 +148,15 @@ if triton is not None:
                 if UPCAST:  # exact bf16 -> fp32, only for the interpreter (see nn_scores_triton)
                     a, r = a.to(tl.float32), r.to(tl.float32)
                 acc = tl.dot(a, tl.trans(r), acc, input_precision=PRECISION)  # (BLOCK_P, BLOCK_R)
-            inv_r = tl.load(inv_r_ptr + b * R + offs_r, mask=mask_r, other=0.0)
-            cos = acc * inv_t[:, None] * inv_r[None, :]  # (BLOCK_P, BLOCK_R)
+                if FUSE_NORM:
+                    a32, r32 = a.to(tl.float32), r.to(tl.float32)
+                    sq_t += tl.sum(a32 * a32, axis=1)
+                    sq_r += tl.sum(r32 * r32, axis=1)
+            if FUSE_NORM:
+                inv_r = 1.0 / tl.maximum(tl.sqrt(sq_r), 1e-12)  # = EPS
+            else:
+                inv_r = tl.load(inv_r_ptr + b * R + offs_r, mask=mask_r, other=0.0)
+            cos = acc * inv_r[None, :]  # (BLOCK_P, BLOCK_R): cos * |t_i|, same argmax over j
             if MODE_MIN:
                 cos = -cos  # min_j cos = -max_j(-cos); the same tie rule then picks the lowest j
             cos = tl.where(mask_r[None, :], cos, float("-inf"))
@@ -151,6 +168,11 @@ if triton is not None:
             take = tile_best > best
             best = tl.where(take, tile_best, best)
             best_j = tl.where(take, tile_j + r0, best_j)
+        if FUSE_NORM:  # every tile summed the same test rows: sq_t of the last one will do
+            inv_t = 1.0 / tl.maximum(tl.sqrt(sq_t), 1e-12)
+        else:
+            inv_t = tl.load(inv_t_ptr + b * P + offs_p, mask=mask_p, other=0.0)  # (BLOCK_P,)
+        best = best * inv_t
         if MODE_MIN:
             best = -best
         out = (split * B + b) * P + offs_p
@@ -166,12 +188,26 @@ def _interpreting() -> bool:
 # H100 configs (bf16/fp16 via wgmma); shared memory per stage = (BLOCK_P + BLOCK_R) * BLOCK_C * 2 B.
 # Configs that do not fit (e.g. large fp32 tiles) fail to compile and autotune skips them.
 _GPU_CONFIGS = [  # (BLOCK_P, BLOCK_R, BLOCK_C, num_warps, num_stages)
-    (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
-    (128, 128, 128, 8, 3), (64, 64, 128, 4, 3), (128, 64, 128, 8, 3), (64, 64, 64, 4, 4),
+    (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 256, 64, 8, 4), (256, 128, 64, 8, 4),
+    (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (128, 64, 64, 4, 4),
+    (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (128, 128, 128, 8, 3), (64, 64, 128, 4, 3),
 ]
 _INTERPRET_META = dict(BLOCK_P=16, BLOCK_R=16, BLOCK_C=16)  # one small config (tl.dot needs >= 16)
 _NORM_META = dict(BLOCK_N=32, BLOCK_C=128)
 _KERNELS: dict = {}
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Drop tiles far larger than the problem (they only waste compile and tuning time)."""
+    def fits(block, n):
+        return block <= max(64, triton.next_power_of_2(n))
+    def small(c):  # fp32 "ieee" dots run on CUDA cores: big tiles compile for minutes
+        return c.kwargs["BLOCK_P"] * c.kwargs["BLOCK_R"] <= 128 * 64 and c.kwargs["BLOCK_C"] <= 64
+    fp32 = named_args["t_ptr"].dtype == torch.float32
+    kept = [c for c in configs if fits(c.kwargs["BLOCK_P"], named_args["P"])
+            and fits(c.kwargs["BLOCK_R"], named_args["R_SPLIT"])
+            and fits(c.kwargs["BLOCK_C"], named_args["C"]) and (small(c) or not fp32)]
+    return kept or configs[-1:]
 
 
 def _kernels():
@@ -186,7 +222,9 @@ def _kernels():
         if not interpret:  # autotuned on the GPU, keyed on the shape (and dtypes, implicitly)
             configs = [triton.Config(dict(BLOCK_P=bp, BLOCK_R=br, BLOCK_C=bc), num_warps=w,
                                      num_stages=s) for bp, br, bc, w, s in _GPU_CONFIGS]
-            nn, meta = triton.autotune(configs, key=["P", "R", "C", "R_SPLIT"])(nn), {}
+            nn = triton.autotune(configs, key=["P", "R", "C", "R_SPLIT", "FUSE_NORM", "MODE_MIN"],
+                                 prune_configs_by={"early_config_prune": _prune_configs})(nn)
+            meta = {}
         _KERNELS[interpret] = (norm, nn, meta)
     return _KERNELS[interpret]
 
@@ -200,23 +238,33 @@ def _default_n_split(B: int, P: int, R: int, device: torch.device) -> int:
     return max(1, min(-(-2 * n_sm // tiles), -(-R // 128)))
 
 
+FUSE_NORM_MAX_R_SPLIT = 256  # fuse the norms when a program sees at most this many ref rows
+
+
 @torch.no_grad()
 def nn_scores_triton(test: torch.Tensor, ref: torch.Tensor, mode: str = "nn",
-                     n_split: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     n_split: int | None = None, fuse_norm: bool | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton version of nn_scores_torch (same results up to fp32 rounding, same tie rules).
     test (B, P, C), ref (B, R, C) strided, fp32/bf16/fp16 -> s (B, P) fp32, j* (B, P) int64.
-    n_split: programs along the reference axis (None: enough to fill the GPU; 1 on CPU)."""
+    n_split: programs along the reference axis (None: enough to fill the GPU; 1 on CPU).
+    fuse_norm: norms inside the main kernel (None: when each program sees few reference rows,
+    i.e. the memory-bound shapes; a separate norm pass for the long, matmul-bound ones)."""
     norm_kernel, nn_kernel, meta = _kernels()
     (B, P, C), R = test.shape, ref.shape[1]
-    inv_t = torch.empty(B, P, device=test.device, dtype=torch.float32)
-    inv_r = torch.empty(B, R, device=test.device, dtype=torch.float32)
-    for x, inv, n in ((test, inv_t, P), (ref, inv_r, R)):
-        grid = (triton.cdiv(n, _NORM_META["BLOCK_N"]), B)
-        norm_kernel[grid](x, inv, n, C, *x.stride(), **_NORM_META)
     n_split = n_split or _default_n_split(B, P, R, test.device)
     r_split = -(-R // n_split)
     r_split = -(-r_split // 16) * 16  # split boundaries on 16-row steps keep loads aligned
     n_split = -(-R // r_split)  # no empty split
+    if fuse_norm is None:
+        fuse_norm = r_split <= FUSE_NORM_MAX_R_SPLIT
+    inv_t = inv_r = test  # unused placeholders when the kernel computes the norms itself
+    if not fuse_norm:
+        inv_t = torch.empty(B, P, device=test.device, dtype=torch.float32)
+        inv_r = torch.empty(B, R, device=test.device, dtype=torch.float32)
+        for x, inv, n in ((test, inv_t, P), (ref, inv_r, R)):
+            grid = (triton.cdiv(n, _NORM_META["BLOCK_N"]), B)
+            norm_kernel[grid](x, inv, n, C, *x.stride(), **_NORM_META)
     best = torch.empty(n_split, B, P, device=test.device, dtype=torch.float32)
     arg = torch.empty(n_split, B, P, device=test.device, dtype=torch.int32)
     # Triton 3.8's interpreter gets tl.dot on bf16 wrong (values off by ~1e9), so there the
@@ -227,7 +275,7 @@ def nn_scores_triton(test: torch.Tensor, ref: torch.Tensor, mode: str = "nn",
     grid = lambda m: (triton.cdiv(P, m["BLOCK_P"]), n_split, B)  # noqa: E731
     nn_kernel[grid](test, ref, inv_t, inv_r, best, arg, B, P, R, C, r_split,
                     *test.stride(), *ref.stride(), MODE_MIN=(mode == "min"),
-                    PRECISION=precision, UPCAST=upcast, **meta)
+                    PRECISION=precision, UPCAST=upcast, FUSE_NORM=fuse_norm, **meta)
     if n_split == 1:
         return best[0], arg[0].long()
     # merge the splits: best value over splits; the first split holding it has the lowest j
