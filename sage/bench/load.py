@@ -241,7 +241,6 @@ def report(results: dict, total: int, dropped: list[int]) -> None:
     print(f"{'':26s} {'cold GB/s':>10s} {'warm GB/s':>10s} {'x raw(fresh) c/w':>17s} "
           f"{'peak RSS GB':>12s} {'(+ over imports)':>17s} {'/ model':>8s}")
     for job, label in names.items():
-        r = results[(job, "warm")]
         ratio = "" if job.startswith("raw") else (
             f"{gbps[(job, 'cold')] / gbps[('raw_fresh', 'cold')]:.2f} / "
             f"{gbps[(job, 'warm')] / gbps[('raw_fresh', 'warm')]:.2f}")
