@@ -23,6 +23,7 @@ import time
 
 import torch
 
+from sage.bench import print_profile
 from sage.config import SageConfig
 from sage.models.llama import Llama
 
@@ -42,7 +43,7 @@ def copy_bandwidth(device: torch.device, n_bytes: int, repeats: int, sync) -> fl
     return 2 * n_bytes / best
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--preset", default="internvl2-40b", help="LLM width from this preset")
@@ -52,7 +53,11 @@ def main() -> None:
     p.add_argument("--copy_gib", type=float, default=2.0, help="bandwidth probe size (GiB)")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="also profile 4 decode steps and print their N costliest kernels")
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -91,15 +96,12 @@ def main() -> None:
         sync()
         per_token = (time.perf_counter() - t) / args.tokens
         if args.profile:
-            from torch.profiler import ProfilerActivity, profile
-            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-            with profile(activities=acts) as prof:
+            def four_steps():
+                t = tok
                 for _ in range(4):
-                    tok = step(tok)
+                    t = step(t)
                 sync()
-            key = "self_device_time_total" if cuda else "self_cpu_time_total"
-            print(prof.key_averages().table(sort_by=key, row_limit=args.profile,
-                                            max_name_column_width=60))
+            print_profile(four_steps, args.profile, cuda)
 
     elt = torch.finfo(dtype).bits // 8
     n_weights = sum(p.numel() for p in model.parameters()) - model.embed_tokens.weight.numel()

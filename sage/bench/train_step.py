@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from sage.bench import print_profile
 from sage.config import SageConfig
 from sage.distributed import cleanup, init_distributed
 from sage.plan import count_params, format_plan, plan_memory
@@ -67,7 +68,23 @@ def step_flops(cfg: SageConfig, B: int, T: int) -> float:
     return float(llm + vit + adapter)
 
 
-def main() -> None:
+def report_cuda(cfg: SageConfig, args, flops: float, dt: float, dt_fb: float) -> None:
+    """MFU of the full step and of forward + backward alone; peak memory against the plan."""
+    name = torch.cuda.get_device_name()
+    peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+    if peak:
+        print(f"MFU {100 * flops / dt / peak:.1f}% of {peak / 1e12:.0f} TFLOP/s ({name}); "
+              f"forward + backward alone {100 * flops / dt_fb / peak:.1f}%")
+    measured = torch.cuda.max_memory_allocated() / 2**30
+    plan = plan_memory(cfg, world=1, gpu_gib=torch.cuda.get_device_properties(0).total_memory
+                       / 2**30, micro_batch=args.batch, seq_len=args.seq_len, stage="sfe",
+                       activation_checkpointing=args.activation_checkpointing)
+    print(format_plan(plan, "plan for this slice (sage.plan.plan_memory):"))
+    print(f"peak memory measured {measured:.2f} GiB vs planned {plan.total:.2f} GiB "
+          f"({100 * (measured / plan.total - 1):+.1f}%)")
+
+
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--preset", default="internvl2-40b")
@@ -80,7 +97,11 @@ def main() -> None:
                    default=False)
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after timing, profile one step and print its N costliest kernels")
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
 
     dist = init_distributed()
     base = SageConfig.preset(args.preset)
@@ -129,28 +150,9 @@ def main() -> None:
     print(f"step {dt * 1000:.1f} ms | {tokens / dt:,.0f} tok/s | {flops / dt / 1e12:.1f} TFLOP/s")
     print(f"forward + backward alone {dt_fb * 1000:.1f} ms | {flops / dt_fb / 1e12:.1f} TFLOP/s")
     if args.profile:
-        from torch.profiler import ProfilerActivity, profile
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dist.device.type == "cuda"
-                                         else [])
-        with profile(activities=acts) as prof:
-            one_step()
-            sync()
-        key = "self_device_time_total" if dist.device.type == "cuda" else "self_cpu_time_total"
-        print(prof.key_averages().table(sort_by=key, row_limit=args.profile,
-                                        max_name_column_width=60))
+        print_profile(lambda: (one_step(), sync()), args.profile, dist.device.type == "cuda")
     if dist.device.type == "cuda":
-        name = torch.cuda.get_device_name()
-        peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
-        if peak:
-            print(f"MFU {100 * flops / dt / peak:.1f}% of {peak / 1e12:.0f} TFLOP/s ({name}); "
-                  f"forward + backward alone {100 * flops / dt_fb / peak:.1f}%")
-        measured = torch.cuda.max_memory_allocated() / 2**30
-        plan = plan_memory(cfg, world=1, gpu_gib=torch.cuda.get_device_properties(0).total_memory
-                           / 2**30, micro_batch=args.batch, seq_len=args.seq_len, stage="sfe",
-                           activation_checkpointing=args.activation_checkpointing)
-        print(format_plan(plan, "plan for this slice (sage.plan.plan_memory):"))
-        print(f"peak memory measured {measured:.2f} GiB vs planned {plan.total:.2f} GiB "
-              f"({100 * (measured / plan.total - 1):+.1f}%)")
+        report_cuda(cfg, args, flops, dt, dt_fb)
     cleanup()
 
 
