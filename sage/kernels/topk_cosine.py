@@ -20,7 +20,9 @@ Conventions shared by both implementations (the tests hold them to these):
   gradients flow through the gathered features, never through this function.
 
 impl="torch" normalises in fp32, then chunks over P (memory O(B * chunk_size * R)): bmm,
-argmax, stable sort. impl="triton" computes inverse row norms in a small first launch, then
+argmax, stable sort. impl="triton" computes inverse row norms in a small first launch (or,
+when each program sees few reference rows, from the squares of the tiles it loads anyway:
+fuse_norm, measured 2.4x faster at B=32, P=R=256 on an H200 and 1.4x slower at P=R=3328), then
 tiles test x reference dot products (tl.dot, fp32 accumulation: tensor cores for bf16/fp16;
 fp32 inputs use input_precision="ieee", no TF32, for accuracy) and keeps a running max/argmax
 per test token across reference tiles, so the B x P x R matrix never exists; K lowest via
