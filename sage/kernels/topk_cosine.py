@@ -132,9 +132,7 @@ if triton is not None:
         best = tl.full([BLOCK_P], float("-inf"), dtype=tl.float32)
         best_j = tl.zeros([BLOCK_P], dtype=tl.int32)
         sq_t = tl.zeros([BLOCK_P], dtype=tl.float32)  # FUSE_NORM: |t_i|^2 (carried out of the loop)
-        # reference tiles in ascending j order (the bounds avoid program_id: Triton 3.6's
-        # interpreter cannot take a range bound derived from it under numpy 2.5)
-        for dr in range(0, R_SPLIT, BLOCK_R):
+        for dr in range(0, R_SPLIT, BLOCK_R):  # reference tiles in ascending j order
             r0 = r_lo + dr
             offs_r = r0 + tl.arange(0, BLOCK_R)
             mask_r = (offs_r < R) & (offs_r < r_end)
