@@ -1,0 +1,133 @@
+"""Diagnostics of a model on SFE records, by teacher forcing (no generation, no judge).
+
+    python -m sage.diagnose --model runs/quickstart/sfe/export --data data/synthad \
+        --split sfe_train --limit 64 [--swap_images]
+
+Prints
+- the decision: mean loss (nats) of the first answer token, the Yes/No the answer starts with,
+  against the mean loss of the other answer tokens, and how often the decision is the argmax
+  (ln 2 = 0.693 nats is a coin flip between Yes and No). With --swap_images each record gets
+  the images of a record of another group: a decision that does not move has not used them;
+- the fact tokens (facts_mode "fe"): mean cosine between the N <FACT_CONTEXT> embeddings of
+  different images, and between the one-shot and zero-shot embeddings of one image. Values
+  near 1 mean the Fact[FE] pathway (Eq. 1-2, 9) carries nothing sample-specific.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import sage
+from sage.data import Collator, SFEDataset, load_jsonl
+from sage.losses import IGNORE_INDEX
+
+
+@torch.no_grad()
+def answer_token_losses(logits: torch.Tensor, labels: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits (B, T, V), labels (B, T) -> first-answer-token loss (B,), mean loss of the other
+    answer tokens (B,), first token is the argmax (B,) bool. Same shift as Eq. 8."""
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
+    targets = labels[:, 1:]  # (B, T-1): token t+1 is predicted at t
+    first, rest, hit = [], [], []
+    for b in range(labels.shape[0]):
+        pos = (targets[b] != IGNORE_INDEX).nonzero()[:, 0]  # answer positions
+        if len(pos) < 2:
+            raise ValueError(f"sage.diagnose: example {b} has {len(pos)} answer token(s); "
+                             "need a decision and at least one more")
+        nll = -logp[b, pos, targets[b, pos]]  # (n,)
+        first.append(nll[0])
+        rest.append(nll[1:].mean())
+        hit.append(logp[b, pos[0]].argmax() == targets[b, pos[0]])
+    return torch.stack(first), torch.stack(rest), torch.stack(hit)
+
+
+def swap_images(records: list[dict]) -> list[dict]:
+    """Each record with the test/reference images of the next record of another group."""
+    out = []
+    for i, r in enumerate(records):
+        j = next((k % len(records) for k in range(i + 1, i + len(records))
+                  if records[k % len(records)]["group"] != r["group"]), None)
+        if j is None:
+            raise ValueError("sage.diagnose: --swap_images needs records of at least two groups")
+        out.append({**r, "test_image": records[j]["test_image"],
+                    "reference_image": records[j]["reference_image"]})
+    return out
+
+
+@torch.no_grad()
+def decision_report(model, records: list[dict], root: str, setting: str,
+                    batch_size: int = 8) -> dict:
+    """Mean first-token loss, mean rest loss and decision-argmax accuracy over `records`."""
+    ds = SFEDataset(records, root, model.cfg, setting=setting)
+    collate = Collator(model.tokenizer, model.cfg)
+    first, rest, hit = [], [], []
+    for s in range(0, len(records), batch_size):
+        batch = collate([ds[i] for i in range(s, min(s + batch_size, len(records)))])
+        logits, _, _ = model(batch)
+        f, r, h = answer_token_losses(logits, batch["labels"])
+        first.append(f), rest.append(r), hit.append(h)
+    first, rest, hit = torch.cat(first), torch.cat(rest), torch.cat(hit)
+    return {"decision_nats": first.mean().item(), "rest_nats": rest.mean().item(),
+            "decision_argmax_acc": hit.float().mean().item()}
+
+
+@torch.no_grad()
+def fact_token_similarity(model, records: list[dict], root: str) -> dict:
+    """Cosine of fact-token embeddings across images (one-shot) and across settings."""
+    collate = Collator(model.tokenizer, model.cfg)
+    tokens = {}
+    for setting in ("one-shot", "zero-shot"):
+        ds = SFEDataset(records, root, model.cfg, setting=setting)
+        batch = collate([ds[i] for i in range(len(records))])
+        x = model.assemble(batch)  # (B, T, C)
+        where = batch["input_ids"] == model.tokenizer.fact_context_id  # (B, T)
+        tokens[setting] = x[where].view(len(records), -1, x.shape[-1])  # (B, N, C)
+    one, zero = tokens["one-shot"], tokens["zero-shot"]
+    groups = [r["group"] for r in records]
+    pairs = [(a, b) for a in range(len(records)) for b in range(a + 1, len(records))
+             if groups[a] != groups[b]]  # different images
+    if not pairs:
+        raise ValueError("sage.diagnose: fact-token similarity needs two groups")
+    across = torch.stack([F.cosine_similarity(one[a], one[b], dim=-1).mean() for a, b in pairs])
+    return {"fact_cos_across_images": across.mean().item(),
+            "fact_cos_one_vs_zero_shot": F.cosine_similarity(one, zero, dim=-1).mean().item()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", required=True, help="InternVL2-layout model directory")
+    p.add_argument("--data", default="data/synthad", help="data root holding the JSONL splits")
+    p.add_argument("--split", default="sfe_train", help="JSONL split")
+    p.add_argument("--limit", type=int, default=64, help="first N records")
+    p.add_argument("--swap_images", action="store_true",
+                   help="also measure with each record's images taken from another group")
+    args = p.parse_args(argv)
+
+    model = sage.load_pretrained(args.model, dtype=torch.float32, device="cpu").eval()
+    records = load_jsonl(Path(args.data) / f"{args.split}.jsonl", kind="qa")[:args.limit]
+    setting = "one-shot" if all(r.get("reference_image") for r in records) else "zero-shot"
+    print(f"{args.model} on {len(records)} records of {args.split} ({setting}); "
+          f"facts_mode {model.cfg.facts_mode}")
+    runs = {"images as recorded": records}
+    if args.swap_images:
+        runs["images of another group"] = swap_images(records)
+    for name, recs in runs.items():
+        d = decision_report(model, recs, args.data, setting)
+        print(f"{name}: decision token {d['decision_nats']:.3f} nats (ln 2 = 0.693), argmax "
+              f"right {100 * d['decision_argmax_acc']:.1f}%; other answer tokens "
+              f"{d['rest_nats']:.3f} nats")
+    if model.cfg.facts_mode == "fe" and setting == "one-shot":
+        s = fact_token_similarity(model, records[:16], args.data)
+        print(f"fact tokens: cosine across images {s['fact_cos_across_images']:.5f}, one-shot "
+              f"vs zero-shot {s['fact_cos_one_vs_zero_shot']:.5f} (1 = carries nothing "
+              "sample-specific)")
+
+
+if __name__ == "__main__":
+    main()
