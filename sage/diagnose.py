@@ -70,7 +70,9 @@ def decision_report(model, records: list[dict], root: str, setting: str,
         batch = collate([ds[i] for i in range(s, min(s + batch_size, len(records)))])
         logits, _, _ = model(batch)
         f, r, h = answer_token_losses(logits, batch["labels"])
-        first.append(f), rest.append(r), hit.append(h)
+        first.append(f)
+        rest.append(r)
+        hit.append(h)
     first, rest, hit = torch.cat(first), torch.cat(rest), torch.cat(hit)
     return {"decision_nats": first.mean().item(), "rest_nats": rest.mean().item(),
             "decision_argmax_acc": hit.float().mean().item()}
