@@ -170,7 +170,7 @@ while step < max_steps:
         else:
             with torch.no_grad():
                 ref = answer_logps(reference, batch)  # (2M,)
-        model.set_requires_gradient_sync(i == accum - 1)
+        # reduce-scatter every micro-batch (sharded accumulation): see train_sfe.py
         pol = answer_logps(model, batch)  # (2M,): chosen then rejected
         losses = edpo_loss(pol[:M], pol[M:], ref[:M], ref[M:], batch["pair_delta_h"],
                            args.beta, eta_value)  # Eq. 6-7: (M,)

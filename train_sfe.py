@@ -66,17 +66,20 @@ RECIPES = {"paper": dict(lr=2e-6, warmup=1000, max_steps=5000),
 # ----------------------------------------------------------------------------- memory plan
 if args.plan:
     cfg = SageConfig.preset(args.preset)
+    accum = accumulation_steps(args.global_batch, args.plan_world, 1)  # micro-batch 1
     for ac in (False, True):
         plan = plan_memory(cfg, world=args.plan_world, gpu_gib=args.plan_gpu_gib,
                            micro_batch=1, seq_len=args.plan_seq_len, stage="sfe",
-                           activation_checkpointing=ac, cpu_offload=args.cpu_offload)
+                           activation_checkpointing=ac, cpu_offload=args.cpu_offload,
+                           accumulation=accum)
         print(format_plan(plan, f"{args.preset} SFE, {args.plan_world} ranks x "
-                                f"{args.plan_gpu_gib:g} GiB, micro-batch 1, "
-                                f"{args.plan_seq_len} tokens, activation checkpointing {ac}"))
+                                f"{args.plan_gpu_gib:g} GiB, micro-batch 1 x {accum} "
+                                f"accumulation, {args.plan_seq_len} tokens, activation "
+                                f"checkpointing {ac}"))
     for ref_cache in (False, True):
         plan = plan_memory(cfg, world=args.plan_world, gpu_gib=args.plan_gpu_gib, micro_batch=1,
                            seq_len=args.plan_seq_len, stage="edpo", ref_cache=ref_cache,
-                           cpu_offload=args.cpu_offload)
+                           cpu_offload=args.cpu_offload, accumulation=accum)
         print(format_plan(plan, f"{args.preset} E-DPO (chosen + rejected), checkpointing, "
                                 f"reference log-probs {'cached' if ref_cache else 'in memory'}"))
     raise SystemExit(0)
@@ -154,7 +157,9 @@ while step < max_steps:
     loss_total, tokens = torch.zeros((), device=dist.device), 0
     for i, batch in enumerate(batches):
         batch = to_device(batch, dist.device)
-        model.set_requires_gradient_sync(i == accum - 1)
+        # No set_requires_gradient_sync(False) on the first micro-batches: FSDP2 would then
+        # hold every rank's unsharded gradients in fp32 (sage.plan: 130 GiB for 40B); each
+        # micro-batch is reduce-scattered and the sharded gradients accumulate instead.
         _, loss_sum, _ = model(batch)
         # FSDP averages gradients over ranks; x world_size turns that into a global token sum
         loss = loss_sum.sum() * dist.world_size / n_global

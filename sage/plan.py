@@ -1,14 +1,25 @@
 """Per-rank GPU memory plan for FSDP2 training, computed from the config alone (no allocation).
 
-Model state per rank (FSDP2 shards every parameter over `world` ranks):
+Model state per rank, held throughout (FSDP2 shards every parameter over `world` ranks):
   master parameters   fp32 (4 B) for trainable params; frozen ones stay in the load dtype
-  gradients           fp32 (4 B) sharded, trainable only (reduce_dtype fp32)
   AdamW moments       2 x fp32 (8 B) sharded, trainable only
   working copies      the largest FSDP unit all-gathered in the compute dtype, x2 (prefetch)
-Activations per micro-batch of T tokens, LLM width C, L layers, FFN width F, H heads:
-  no checkpointing    per layer ~ T (34 C + 5 F) bytes in bf16 (attention via SDPA/flash,
-                      so no T^2 term) plus the logits T V (fp32 for the loss, twice)
-  checkpointing       one bf16 (T, C) input per layer kept + one layer's full activations
+Two phases, the total is the state plus the larger of them:
+  forward / backward  activations of one micro-batch of T tokens (LLM width C, L layers, FFN
+                      width F): no checkpointing, per layer ~ T (34 C + 5 F) bytes in bf16
+                      (attention via SDPA/flash, no T^2 term); checkpointing, one bf16 (T, C)
+                      input per layer + one layer's full activations; plus the logits T V
+                      (fp32 for the loss, twice). With gradient accumulation the sharded
+                      gradients of the earlier micro-batches and a unit's reduce-scatter (below)
+                      are alive too.
+  gradient reduction  (end of the backward, the optimizer step) the sharded fp32 gradients
+                      (4 B, reduce_dtype fp32), plus one unit's reduce-scatter: its unsharded
+                      bf16 gradients and their fp32 copy-in buffer (6 B x the unit).
+Gradients do not exist during the forward (zero_grad(set_to_none=True)) and activations are
+freed as the backward produces gradients, so without accumulation the two do not add up.
+The training scripts reduce-scatter after every micro-batch: with
+`set_requires_gradient_sync(False)` FSDP2 would keep every rank's *unsharded* gradients in
+fp32 (4 B x all trainable parameters per rank, 130 GiB for InternVL2-40B).
 E-DPO adds the reference model: sharded bf16 weights (2 B / world), unless its log-probs are
 precomputed (train_edpo.py --ref_cache), and sequences are chosen + rejected (2x tokens).
 
@@ -50,57 +61,70 @@ def count_params(cfg: SageConfig) -> dict[str, int]:
 
 @dataclass
 class Plan:
-    rows: list[tuple[str, float]]  # (item, GiB per rank)
-    total: float
+    rows: list[tuple[str, float, str]]  # (item, GiB per rank, "state" or the phase it is in)
+    total: float  # state + the larger phase
     budget: float
     fits: bool
     notes: list[str]
+    phases: dict[str, float]  # GiB of each phase's own rows
 
 
 def plan_memory(cfg: SageConfig, world: int = 8, gpu_gib: float = 80.0, micro_batch: int = 1,
                 seq_len: int = 2048, stage: str = "sfe", activation_checkpointing: bool = True,
                 ref_cache: bool = False, cpu_offload: bool = False,
-                headroom: float = 0.9) -> Plan:
-    """Per-rank memory of SFE ("sfe") or E-DPO ("edpo") training; GiB per rank."""
+                headroom: float = 0.9, accumulation: int = 1) -> Plan:
+    """Per-rank memory of SFE ("sfe") or E-DPO ("edpo") training; GiB per rank.
+
+    `accumulation`: micro-batches per optimizer step (global batch / (world x micro-batch)).
+    """
+    if accumulation < 1:
+        raise ValueError(f"plan_memory: accumulation={accumulation} must be >= 1")
     n = count_params(cfg)
     m = cfg.llm
     trainable = n["adapter"] + n["llm"] + (n["fusion"] + n["fact_proj"] if stage == "sfe" else 0)
     frozen = n["vision"] + (0 if stage == "sfe" else n["fusion"] + n["fact_proj"])
     T = seq_len * micro_batch * (2 if stage == "edpo" else 1)
+    unit = max(n["llm_block"], n["embed"], n["vit_block"])  # largest FSDP unit
     # FSDP2 CPUOffloadPolicy keeps sharded params, gradients and optimizer state in host RAM
     on_gpu = 0.0 if cpu_offload else 1.0
     where = " [CPU-offloaded: 0 on GPU]" if cpu_offload else ""
-    rows = [
+    state = [
         ("master params fp32 (trainable, sharded)" + where, on_gpu * 4 * trainable / world),
         ("frozen params bf16 (InternViT, sharded)" + where, on_gpu * 2 * frozen / world),
-        ("gradients fp32 (sharded)" + where, on_gpu * 4 * trainable / world),
         ("AdamW moments 2x fp32 (sharded)" + where, on_gpu * 8 * trainable / world),
-        ("all-gathered bf16 unit x2 (prefetch)", 2 * 2 * max(n["llm_block"], n["embed"],
-                                                               n["vit_block"])),
+        ("all-gathered bf16 unit x2 (prefetch)", 2 * 2 * unit),
     ]
+    if stage == "edpo" and not ref_cache:
+        state.append(("E-DPO reference model bf16 (sharded)" + where,
+                      on_gpu * 2 * (trainable + frozen) / world))
+    grads = [("gradients fp32 (sharded)" + where, on_gpu * 4 * trainable / world),
+             ("one unit's reduce-scatter (bf16 grads + fp32 copy-in)", 6 * unit)]
     per_layer_full = T * (34 * m.dim + 5 * m.ffn_dim)  # bf16 bytes, flash-style attention
     if activation_checkpointing:
         act = m.n_layers * T * m.dim * 2 + per_layer_full
     else:
         act = m.n_layers * per_layer_full
-    rows.append((f"activations ({'checkpointed' if activation_checkpointing else 'full'}, "
-                 f"{T} tokens)", act))
-    rows.append(("logits + loss (fp32, 2 copies)", 2 * 4 * T * m.vocab_size))
-    if stage == "edpo" and not ref_cache:
-        rows.append(("E-DPO reference model bf16 (sharded)" + where,
-                     on_gpu * 2 * (trainable + frozen) / world))
-    rows = [(k, v / GIB) for k, v in rows]
-    total = sum(v for _, v in rows)
+    forward = [(f"activations ({'checkpointed' if activation_checkpointing else 'full'}, "
+                f"{T} tokens)", act),
+               ("logits + loss (fp32, 2 copies)", 2 * 4 * T * m.vocab_size)]
+    if accumulation > 1:  # earlier micro-batches' gradients stay while this one runs
+        forward += [(f"{k} [accumulation {accumulation}]", v) for k, v in grads]
+    phases = {"forward / backward": forward, "gradient reduction": grads}
+    rows = [(k, v / GIB, "state") for k, v in state]
+    rows += [(k, v / GIB, ph) for ph, items in phases.items() for k, v in items]
+    peak = {ph: sum(v for _, v, p in rows if p == ph) for ph in phases}
+    total = sum(v for _, v, p in rows if p == "state") + max(peak.values())
     budget = gpu_gib * headroom
     notes = []
     if total > budget:
         notes.append(_what_fits(cfg, world, gpu_gib, micro_batch, seq_len, stage,
-                                activation_checkpointing, ref_cache, cpu_offload, headroom))
-    return Plan(rows, total, budget, total <= budget, notes)
+                                activation_checkpointing, ref_cache, cpu_offload, headroom,
+                                accumulation))
+    return Plan(rows, total, budget, total <= budget, notes, peak)
 
 
 def _what_fits(cfg, world, gpu_gib, micro_batch, seq_len, stage, ac, ref_cache, cpu_offload,
-               headroom) -> str:
+               headroom, accumulation) -> str:
     """The first single change (in order of cost to the user) that brings the plan in budget."""
     options = []
     if not ac:
@@ -108,14 +132,16 @@ def _what_fits(cfg, world, gpu_gib, micro_batch, seq_len, stage, ac, ref_cache, 
     if stage == "edpo" and not ref_cache:
         options.append(("--ref_cache (precomputed reference log-probs)", dict(ref_cache=True)))
     if micro_batch > 1:
-        options.append(("--micro_batch 1", dict(micro_batch=1)))
+        options.append(("--micro_batch 1", dict(micro_batch=1,
+                                                     accumulation=accumulation * micro_batch)))
     if not cpu_offload:
         options.append(("--cpu_offload (FSDP2 CPUOffloadPolicy; slower steps)",
                         dict(cpu_offload=True)))
-    options.append((f"world size {world * 2} (2 nodes)", dict(world=world * 2)))
+    options.append((f"world size {world * 2} (2 nodes)",
+                    dict(world=world * 2, accumulation=max(1, accumulation // 2))))
     base = dict(world=world, gpu_gib=gpu_gib, micro_batch=micro_batch, seq_len=seq_len,
                 stage=stage, activation_checkpointing=ac, ref_cache=ref_cache,
-                cpu_offload=cpu_offload, headroom=headroom)
+                cpu_offload=cpu_offload, headroom=headroom, accumulation=accumulation)
     for flag, change in options:
         p = plan_memory(cfg, **{**base, **change})
         if p.fits:
@@ -125,8 +151,13 @@ def _what_fits(cfg, world, gpu_gib, micro_batch, seq_len, stage, ac, ref_cache, 
 
 def format_plan(p: Plan, title: str = "") -> str:
     lines = [title] if title else []
-    lines += [f"  {k:<46} {v:8.2f} GiB" for k, v in p.rows]
-    lines.append(f"  {'total per rank':<46} {p.total:8.2f} GiB  (budget {p.budget:.1f} GiB: "
-                 f"{'fits' if p.fits else 'DOES NOT FIT'})")
+    for ph in ("state", *p.phases):
+        peak = ph != "state" and p.phases[ph] == max(p.phases.values())
+        head = ("held throughout" if ph == "state" else
+                f"{ph} ({p.phases[ph]:.2f} GiB{', the peak' if peak else ''})")
+        lines.append(f"  {head}")
+        lines += [f"    {k:<58} {v:8.2f} GiB" for k, v, where in p.rows if where == ph]
+    lines.append(f"  {'total per rank (held + larger phase)':<60} {p.total:8.2f} GiB  (budget "
+                 f"{p.budget:.1f} GiB: {'fits' if p.fits else 'DOES NOT FIT'})")
     lines += [f"  -> {n}" for n in p.notes]
     return "\n".join(lines)
