@@ -40,7 +40,7 @@ p.add_argument("--setting", choices=["zero-shot", "one-shot", "both"], default="
 p.add_argument("--limit", type=int, default=0, help="first N records only (0: all)")
 # generation
 p.add_argument("--batch_size", type=int, default=16, help="questions per generate call")
-p.add_argument("--max_new_tokens", type=int, default=48, help="answer length cap")
+p.add_argument("--max_new_tokens", type=int, default=64, help="answer length cap")
 p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
 p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass")
 # judging

@@ -4,10 +4,12 @@
         --split sfe_train --limit 64 [--swap_images]
 
 Prints
-- the decision: mean loss (nats) of the first answer token, the Yes/No the answer starts with,
-  against the mean loss of the other answer tokens, and how often the decision is the argmax
+- the decision: mean loss (nats) of the answer's first Yes/No token (SynthAD states it after
+  the evidence), against the mean loss of the other answer tokens, and how often the decision is the argmax
   (ln 2 = 0.693 nats is a coin flip between Yes and No). With --swap_images each record gets
   the images of a record of another group: a decision that does not move has not used them;
+- perception (SynthAD records): how well the log-prob of the normal explanation tells the
+  normal pairs from the anomalous ones (AUROC), independent of the question;
 - the fact tokens (facts_mode "fe"): mean cosine between the N <FACT_CONTEXT> embeddings of
   different images, and between the one-shot and zero-shot embeddings of one image. Values
   near 1 mean the Fact[FE] pathway (Eq. 1-2, 9) carries nothing sample-specific.
@@ -23,14 +25,18 @@ import torch.nn.functional as F
 
 import sage
 from sage.data import Collator, SFEDataset, load_jsonl
-from sage.losses import IGNORE_INDEX
+from sage.losses import IGNORE_INDEX, answer_logprobs
 
 
 @torch.no_grad()
-def answer_token_losses(logits: torch.Tensor, labels: torch.Tensor
+def answer_token_losses(logits: torch.Tensor, labels: torch.Tensor,
+                        decision_ids: set[int] | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """logits (B, T, V), labels (B, T) -> first-answer-token loss (B,), mean loss of the other
-    answer tokens (B,), first token is the argmax (B,) bool. Same shift as Eq. 8."""
+    """logits (B, T, V), labels (B, T) -> decision-token loss (B,), mean loss of the other
+    answer tokens (B,), decision token is the argmax (B,) bool. Same shift as Eq. 8.
+
+    The decision token is the first answer token whose id is in `decision_ids` (the Yes/No
+    pieces; SynthAD answers state it last), or the first answer token when None."""
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
     targets = labels[:, 1:]  # (B, T-1): token t+1 is predicted at t
     first, rest, hit = [], [], []
@@ -39,11 +45,24 @@ def answer_token_losses(logits: torch.Tensor, labels: torch.Tensor
         if len(pos) < 2:
             raise ValueError(f"sage.diagnose: example {b} has {len(pos)} answer token(s); "
                              "need a decision and at least one more")
+        k = 0
+        if decision_ids is not None:
+            found = [i for i, p in enumerate(pos.tolist()) if int(targets[b, p]) in decision_ids]
+            if not found:
+                raise ValueError(f"sage.diagnose: example {b}'s answer has no Yes/No token")
+            k = found[0]
         nll = -logp[b, pos, targets[b, pos]]  # (n,)
-        first.append(nll[0])
-        rest.append(nll[1:].mean())
-        hit.append(logp[b, pos[0]].argmax() == targets[b, pos[0]])
+        first.append(nll[k])
+        rest.append(torch.cat([nll[:k], nll[k + 1:]]).mean())
+        hit.append(logp[b, pos[k]].argmax() == targets[b, pos[k]])
     return torch.stack(first), torch.stack(rest), torch.stack(hit)
+
+
+def decision_token_ids(tokenizer) -> set[int]:
+    """Ids of the pieces that spell a decision word ("Yes", " No", "true", ...)."""
+    words = {"yes", "no", "true", "false"}
+    return {i for i in range(tokenizer.n_pieces)
+            if tokenizer.decode([i]).strip().lower() in words}
 
 
 def swap_images(records: list[dict]) -> list[dict]:
@@ -65,11 +84,12 @@ def decision_report(model, records: list[dict], root: str, setting: str,
     """Mean first-token loss, mean rest loss and decision-argmax accuracy over `records`."""
     ds = SFEDataset(records, root, model.cfg, setting=setting)
     collate = Collator(model.tokenizer, model.cfg)
+    ids = decision_token_ids(model.tokenizer)
     first, rest, hit = [], [], []
     for s in range(0, len(records), batch_size):
         batch = collate([ds[i] for i in range(s, min(s + batch_size, len(records)))])
         logits, _, _ = model(batch)
-        f, r, h = answer_token_losses(logits, batch["labels"])
+        f, r, h = answer_token_losses(logits, batch["labels"], ids)
         first.append(f)
         rest.append(r)
         hit.append(h)
@@ -100,6 +120,43 @@ def fact_token_similarity(model, records: list[dict], root: str) -> dict:
             "fact_cos_one_vs_zero_shot": F.cosine_similarity(one, zero, dim=-1).mean().item()}
 
 
+def auroc(pos: list[float], neg: list[float]) -> float:
+    """P(a random `pos` score > a random `neg` score), ties counting half."""
+    if not pos or not neg:
+        raise ValueError(f"sage.diagnose: AUROC needs both classes ({len(pos)} / {len(neg)})")
+    return sum((p > n) + 0.5 * (p == n) for p in pos for n in neg) / (len(pos) * len(neg))
+
+
+@torch.no_grad()
+def perception_auroc(model, records: list[dict], root: str, setting: str,
+                     batch_size: int = 16) -> float:
+    """Does the model see the defect? One record per group (test/reference pair): the
+    teacher-forced log-prob of SynthAD's normal explanation ("The inspection shows that the
+    <category> matches the normal reference"), as a score for "normal", -> its AUROC against
+    the records' truth (0.5: blind; 1: sees every defect). Needs SynthAD's `truth`."""
+    pairs, seen = [], set()
+    for r in records:
+        if r["group"] not in seen:
+            if "anomalous" not in (r.get("truth") or {}):
+                raise KeyError(f"sage.diagnose: record {r.get('id')!r} has no truth.anomalous "
+                               "(the perception check needs SynthAD records)")
+            seen.add(r["group"])
+            pairs.append(r)
+    ds = SFEDataset(pairs, root, model.cfg, setting=setting)
+    collate = Collator(model.tokenizer, model.cfg)
+    scores = []
+    for s in range(0, len(pairs), batch_size):
+        chunk = range(s, min(s + batch_size, len(pairs)))
+        batch = collate.build([ds[i] for i in chunk], [
+            f"The inspection shows that the {pairs[i]['category']} matches the normal reference"
+            for i in chunk])
+        logits, _, _ = model(batch)
+        scores += answer_logprobs(logits, batch["labels"]).tolist()
+    normal = [x for x, r in zip(scores, pairs) if not r["truth"]["anomalous"]]
+    anomalous = [x for x, r in zip(scores, pairs) if r["truth"]["anomalous"]]
+    return auroc(normal, anomalous)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawTextHelpFormatter)
@@ -124,6 +181,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name}: decision token {d['decision_nats']:.3f} nats (ln 2 = 0.693), argmax "
               f"right {100 * d['decision_argmax_acc']:.1f}%; other answer tokens "
               f"{d['rest_nats']:.3f} nats")
+    if all("anomalous" in (r.get("truth") or {}) for r in records):
+        a = perception_auroc(model, records, args.data, setting)
+        print(f"perception: the normal explanation's log-prob tells normal from anomalous "
+              f"pairs with AUROC {a:.3f} (0.5 = blind)")
     if model.cfg.facts_mode == "fe" and setting == "one-shot":
         s = fact_token_similarity(model, records[:16], args.data)
         print(f"fact tokens: cosine across images {s['fact_cos_across_images']:.5f}, one-shot "

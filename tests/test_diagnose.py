@@ -29,6 +29,31 @@ def test_answer_token_losses_split_the_sequence_log_prob(gen):
     assert hit[0] == (logits[0, 3].argmax() == 1)
 
 
+def test_answer_token_losses_finds_the_decision_after_the_evidence(gen):
+    logits = torch.randn(2, 8, 11, generator=gen)
+    labels = torch.full((2, 8), IGNORE_INDEX)
+    labels[0, 3:] = torch.tensor([1, 2, 9, 4, 5])  # decision id 9 at labels[0, 5]
+    labels[1, 4:] = torch.tensor([8, 3, 3, 9])  # 8 first: the first decision id wins
+    first, rest, hit = answer_token_losses(logits, labels, decision_ids={8, 9})
+    torch.testing.assert_close(first[0], -torch.log_softmax(logits[0, 4], -1)[9])
+    torch.testing.assert_close(first[1], -torch.log_softmax(logits[1, 3], -1)[8])
+    n = (labels[:, 1:] != IGNORE_INDEX).sum(1)
+    torch.testing.assert_close(first + (n - 1) * rest, -answer_logprobs(logits, labels))
+    assert hit[0] == (logits[0, 4].argmax() == 9)
+    with pytest.raises(ValueError, match="no Yes/No token"):
+        answer_token_losses(logits, labels, decision_ids={7})
+
+
+def test_decision_token_ids_spell_decisions():
+    from sage.diagnose import decision_token_ids
+    from sage.tokenizer import Tokenizer
+    tok = Tokenizer.from_pretrained(BASE)
+    ids = decision_token_ids(tok)
+    assert ids and all(tok.decode([i]).strip().lower() in ("yes", "no", "true", "false")
+                       for i in ids)
+    assert set(tok.encode("So the answer is Yes.")) & ids
+
+
 def test_answer_token_losses_needs_two_answer_tokens():
     labels = torch.full((1, 5), IGNORE_INDEX)
     labels[0, 4] = 3
@@ -49,8 +74,20 @@ def test_swap_images_takes_another_group():
 def test_cli_on_the_tiny_base(tmp_path, capsys):
     generate(tmp_path, seed=0, scale=0.03)
     main(["--model", str(BASE), "--data", str(tmp_path), "--split", "sfe_train",
-          "--limit", "10", "--swap_images"])
+          "--limit", "45", "--swap_images"])
     out = capsys.readouterr().out
     assert "images as recorded: decision token" in out
     assert "images of another group: decision token" in out
     assert "fact tokens" not in out  # the base is a plain VLM (facts_mode none)
+    a = float(out.split("pairs with AUROC ")[1].split()[0])
+    assert 0.0 <= a <= 1.0
+
+
+def test_auroc_hand_values_and_perception_needs_truth():
+    from sage.diagnose import auroc, perception_auroc
+    assert auroc([3, 2], [1, 0]) == 1.0 and auroc([0], [1]) == 0.0
+    assert auroc([1, 2], [1, 0]) == pytest.approx(7 / 8)  # one tie of four
+    with pytest.raises(ValueError, match="both classes"):
+        auroc([1.0], [])
+    with pytest.raises(KeyError, match="truth.anomalous"):
+        perception_auroc(None, [{"id": "x", "group": "g"}], ".", "one-shot")

@@ -16,8 +16,8 @@ record's structured truth {"anomalous", "defect", "region", ...}:
          a wrong, non-neighbouring region 1. normal: names no region 5; names one 2.
   logic  no decision 1; wrong decision 1; right decision that hedges ("maybe", "hard to tell",
          "not sure", "might") 2; right decision with no reason 3; right decision with a reason
-         (a clause after the decision with "so", "because", "can", "could", "which", "means",
-         "fit for use") 5, minus 1 if the reason contradicts the decision (claims a defect
+         (a clause, before or after the decision, with "so", "because", "can", "could",
+         "which", "means", "fit for use") 5, minus 1 if the reason contradicts the decision (claims a defect
          while deciding the part is normal, or the reverse).
 """
 

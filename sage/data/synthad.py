@@ -319,7 +319,7 @@ def other(rng: np.random.Generator, options, exclude):
 def finding(t: dict, cat: str) -> str:
     """The A1 explanation of what is (not) there."""
     if not t["anomalous"]:
-        return f"the {cat} matches the normal reference and shows no defect"
+        return f"the {cat} matches the normal reference and is free of defects"
     where = f"at the {t['region']}"
     if t["defect"] == "colour deviation":
         return (f"the {cat} is {t['colour']} while the reference is {t['reference_colour']}, a "
@@ -329,23 +329,35 @@ def finding(t: dict, cat: str) -> str:
     return f"there is a {t['defect']} {where} of the {cat}"
 
 
+def decide(label: str) -> str:
+    """The closing sentence that states the decision: answers give the evidence first."""
+    return f"So the answer is {'Yes' if label == 'yes' else 'No'}."
+
+
 def answers_for(label: str, t: dict, cat: str, rng: np.random.Generator) -> list[str]:
-    """4 ranked answers (A1 > A2 > A3 > A4) for a question whose truth is `label`."""
-    yes = label == "yes"
-    dec, wrong = ("Yes." if yes else "No."), ("No." if yes else "Yes.")
+    """4 ranked answers (A1 > A2 > A3 > A4) for a question whose truth is `label`.
+
+    Each states what the inspection shows and then the decision (`decide`): a model that
+    must say Yes/No first has to see the part, read the question's polarity and combine the
+    two in one step, which the tiny model never learnt (README, "Further diagnostics"); with
+    the evidence first the Yes/No follows from text already written."""
+    wrong = "no" if label == "yes" else "yes"
     why = (CONSEQUENCE[t["defect"]] if t["anomalous"]
            else "so the part is fit for use and can pass inspection")
-    a1 = f"{dec} The inspection shows that {finding(t, cat)}; {why}."
+    a1 = f"The inspection shows that {finding(t, cat)}; {why}. {decide(label)}"
     if t["anomalous"]:
         fake = other(rng, [d for d in DEFECTS if d not in ("colour deviation", "missing component")],
                      t["defect"])
-        a2 = f"{dec} There is a {fake} at the {other(rng, REGIONS, t['region'])} of the {cat}."
-        a4 = f"{wrong} The {cat} looks normal and matches the reference."
+        a2 = (f"There is a {fake} at the {other(rng, REGIONS, t['region'])} of the {cat}. "
+              f"{decide(label)}")
+        a4 = f"The {cat} looks normal and matches the reference. {decide(wrong)}"
     else:
-        a2 = f"{dec} The {cat} seems fine overall."
+        a2 = f"The {cat} seems fine overall. {decide(label)}"
         fake = DEFECTS[int(rng.integers(4))]
-        a4 = f"{wrong} There is a {fake} at the {REGIONS[int(rng.integers(9))]} of the {cat}."
-    a3 = f"{dec} Maybe, it is hard to tell from this image whether the {cat} is defective."
+        a4 = (f"There is a {fake} at the {REGIONS[int(rng.integers(9))]} of the {cat}. "
+              f"{decide(wrong)}")
+    a3 = (f"Maybe, it is hard to tell from this image whether the {cat} is defective. "
+          f"{decide(label)}")
     return [a1, a2, a3, a4]
 
 
@@ -440,9 +452,39 @@ def make_groups(split: str, cats: list[Category], n_groups: int, out: Path, size
     return records
 
 
+def yes_no_questions(cat: Category, colour: str, rng: np.random.Generator
+                     ) -> list[tuple[str, str]]:
+    """Two general Yes/No questions about what the image shows (which object, which colour),
+    each asked in a positive or a negated form about the true or another value, so that
+    "Yes" and "No" are equally likely and the answer needs both the image and the wording.
+    A real VLM brings this skill to the anomaly task; without it SFE must learn the
+    question's polarity and the image at once (README, "Further diagnostics")."""
+    others = [c for c in CATEGORIES if c.name != cat.name]
+    asked = []
+    for kind in ("object", "colour"):
+        true = bool(rng.random() < 0.5)
+        negated = bool(rng.random() < 0.5)
+        if kind == "object":
+            name = cat.name if true else others[int(rng.integers(len(others)))].name
+            q = (f"Is the object something other than a {name}?" if negated
+                 else f"Is this a {name}?")
+            fact = f"It is a {cat.name}" + ("." if true else f", not a {name}.")
+        else:
+            wrong = [c for c, _ in cat.variants if c != colour]
+            c = colour if true else wrong[int(rng.integers(len(wrong)))]
+            q = (f"Is the {cat.name} a colour other than {c}?" if negated
+                 else f"Is the {cat.name} {c}?")
+            fact = f"The {cat.name} is {colour}" + ("." if true else f", not {c}.")
+        asked.append((q, f"{fact} {decide('yes' if true != negated else 'no')}"))
+    return asked
+
+
 def make_pretrain(cats: list[Category], n_images: int, out: Path, size: int,
-                  rng: np.random.Generator) -> list[dict]:
-    """Captions, general questions and fact prompts on normal images: no anomaly QA."""
+                  rng: np.random.Generator, yn_rng: np.random.Generator) -> list[dict]:
+    """Captions, general questions and fact prompts on normal images: no anomaly QA.
+
+    `yn_rng` draws the Yes/No questions (`yes_no_questions`) apart from `rng`, so adding them
+    left every image and every other split as it was."""
     records = []
     img_dir = out / "images" / "pretrain"
     img_dir.mkdir(parents=True, exist_ok=True)
@@ -465,6 +507,12 @@ def make_pretrain(cats: list[Category], n_images: int, out: Path, size: int,
             records.append({"id": rid, "test_image": rel, "reference_image": None,
                             "category": cat.name, "source": "synthad", "level": "general",
                             "group": rid, "question": q, "answers": [a], "label": None})
+        for k, (q, a) in enumerate(yes_no_questions(cat, colour, yn_rng)):
+            rid = f"synth-pretrain-{i:05d}-yn{k}"
+            records.append({"id": rid, "test_image": rel, "reference_image": None,
+                            "category": cat.name, "source": "synthad", "level": "general",
+                            "group": rid, "question": q, "answers": [a],
+                            "label": a.rsplit(" ", 1)[1].rstrip(".").lower()})
     return records
 
 
@@ -486,7 +534,8 @@ def generate(out: str | Path, seed: int = 0, size: int = 224, scale: float = 1.0
     seen = [c for c in CATEGORIES if c.name not in UNSEEN]
     unseen = [c for c in CATEGORIES if c.name in UNSEEN]
     n = {k: max(len(CATEGORIES), int(round(v * scale))) for k, v in SIZES.items()}
-    splits = {"pretrain": make_pretrain(list(CATEGORIES), n["pretrain"], out, size, rng)}
+    splits = {"pretrain": make_pretrain(list(CATEGORIES), n["pretrain"], out, size, rng,
+                                        np.random.default_rng([seed, 1]))}
     for split, cats in (("sfe_train", seen), ("edpo_train", seen), ("test_seen", seen),
                         ("test_unseen", unseen)):
         splits[split] = make_groups(split, cats, n[split], out, size, rng)

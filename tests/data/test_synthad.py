@@ -9,7 +9,7 @@ from collections import defaultdict
 
 import pytest
 
-from sage.data.oracle import oracle_scores
+from sage.data.oracle import extract_decision, oracle_scores
 from sage.data.prompts import FACT_PROMPTS
 from sage.data.schema import load_jsonl
 from sage.data.synthad import CAUSE, DEFECTS, LEVELS, REGIONS, UNSEEN, generate
@@ -112,6 +112,30 @@ def test_pretrain_has_no_anomaly_qa(synth):
     qa_questions = {r["question"] for s in SPLITS for r in load_jsonl(synth / f"{s}.jsonl")}
     pre = load_jsonl(synth / "pretrain.jsonl", kind="general")
     assert not {r["question"] for r in pre} & qa_questions
-    # general knowledge only: no Yes/No inspection verdicts, but the fact prompts are there
-    assert not any(r["answers"][0].split(".")[0] in ("Yes", "No") for r in pre)
+    # general knowledge only: Yes/No questions ask which object or colour, never about
+    # defects; both answers equally likely and each needs the image (true value or not)
+    # and the wording (negated or not)
+    yn = [r for r in pre if r["label"] is not None]
+    assert yn and all(re.fullmatch(r"Is (this a|the object something other than a|the \w+ "
+                                   r"(a colour other than )?)[\w ]+\?", r["question"])
+                      for r in yn), [r["question"] for r in yn][:5]
+    assert 0.4 < sum(r["label"] == "yes" for r in yn) / len(yn) < 0.6
+    negated = [r for r in yn if "other than" in r["question"]]
+    assert 0.3 < len(negated) / len(yn) < 0.7
+    assert all(extract_decision(r["answers"][0]) == r["label"] for r in yn)
     assert any(r["question"] == FACT_PROMPTS[0] for r in pre)
+
+
+def test_answers_give_the_evidence_then_the_decision(synth):
+    for split in (*SPLITS, "pretrain"):
+        for r in load_jsonl(synth / f"{split}.jsonl", kind="general" if split == "pretrain"
+                            else "qa"):
+            for a in r["answers"]:
+                evidence, _, decision = a.rpartition(" So the answer is ")
+                if r["label"] is None:  # captions, facts: no decision at all
+                    assert extract_decision(a) is None, a
+                    continue
+                assert evidence and decision in ("Yes.", "No."), a
+                assert extract_decision(evidence) is None, a  # the evidence states no verdict
+            if r["label"] is not None:
+                assert extract_decision(r["answers"][0]) == r["label"], r["id"]
