@@ -5,9 +5,10 @@
 
 Prints
 - the decision: mean loss (nats) of the answer's first Yes/No token (SynthAD states it after
-  the evidence), against the mean loss of the other answer tokens, and how often the decision is the argmax
-  (ln 2 = 0.693 nats is a coin flip between Yes and No). With --swap_images each record gets
-  the images of a record of another group: a decision that does not move has not used them;
+  the evidence), against the mean loss of the other answer tokens, and how often the decision
+  is the argmax (ln 2 = 0.693 nats is a coin flip between Yes and No). With --swap_images
+  each record gets the images of a record of another group: a decision that does not move
+  has not used them (with the evidence first it should not: it reads the evidence);
 - perception (SynthAD records): how well the log-prob of the normal explanation tells the
   normal pairs from the anomalous ones (AUROC), independent of the question;
 - the fact tokens (facts_mode "fe"): mean cosine between the N <FACT_CONTEXT> embeddings of
@@ -81,7 +82,7 @@ def swap_images(records: list[dict]) -> list[dict]:
 @torch.no_grad()
 def decision_report(model, records: list[dict], root: str, setting: str,
                     batch_size: int = 8) -> dict:
-    """Mean first-token loss, mean rest loss and decision-argmax accuracy over `records`."""
+    """Mean decision-token loss, mean rest loss and decision-argmax accuracy over `records`."""
     ds = SFEDataset(records, root, model.cfg, setting=setting)
     collate = Collator(model.tokenizer, model.cfg)
     ids = decision_token_ids(model.tokenizer)

@@ -57,7 +57,7 @@ def test_answers_yes_no_questions_on_unseen_renders(model):
         cat = CATEGORIES[i % len(CATEGORIES)]
         v = int(rng.integers(len(cat.variants)))
         img = render(cat, v, model.cfg.vision.image_size, rng, 1.0)
-        for q, a in yes_no_questions(cat, cat.variants[v][0], rng):
+        for q, a, _ in yes_no_questions(cat, cat.variants[v][0], rng):
             with torch.no_grad():
                 said = model.chat(img, q, max_new_tokens=20)
             right += extract_decision(said) == extract_decision(a)

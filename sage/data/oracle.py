@@ -17,8 +17,8 @@ record's structured truth {"anomalous", "defect", "region", ...}:
   logic  no decision 1; wrong decision 1; right decision that hedges ("maybe", "hard to tell",
          "not sure", "might") 2; right decision with no reason 3; right decision with a reason
          (a clause, before or after the decision, with "so", "because", "can", "could",
-         "which", "means", "fit for use") 5, minus 1 if the reason contradicts the decision (claims a defect
-         while deciding the part is normal, or the reverse).
+         "which", "means", "fit for use") 5, minus 1 if the reason contradicts the decision
+         (claims a defect while deciding the part is normal, or the reverse).
 """
 
 from __future__ import annotations

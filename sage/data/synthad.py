@@ -339,8 +339,8 @@ def answers_for(label: str, t: dict, cat: str, rng: np.random.Generator) -> list
 
     Each states what the inspection shows and then the decision (`decide`): a model that
     must say Yes/No first has to see the part, read the question's polarity and combine the
-    two in one step, which the tiny model never learnt (README, "Further diagnostics"); with
-    the evidence first the Yes/No follows from text already written."""
+    two in one step, which the tiny model never learnt (README, "Why the evidence comes
+    first"); with the evidence first the Yes/No follows from text already written."""
     wrong = "no" if label == "yes" else "yes"
     why = (CONSEQUENCE[t["defect"]] if t["anomalous"]
            else "so the part is fit for use and can pass inspection")
@@ -453,12 +453,13 @@ def make_groups(split: str, cats: list[Category], n_groups: int, out: Path, size
 
 
 def yes_no_questions(cat: Category, colour: str, rng: np.random.Generator
-                     ) -> list[tuple[str, str]]:
+                     ) -> list[tuple[str, str, str]]:
     """Two general Yes/No questions about what the image shows (which object, which colour),
     each asked in a positive or a negated form about the true or another value, so that
     "Yes" and "No" are equally likely and the answer needs both the image and the wording.
     A real VLM brings this skill to the anomaly task; without it SFE must learn the
-    question's polarity and the image at once (README, "Further diagnostics")."""
+    question's polarity and the image at once (README, "Why the evidence comes first").
+    -> [(question, answer, label)]."""
     others = [c for c in CATEGORIES if c.name != cat.name]
     asked = []
     for kind in ("object", "colour"):
@@ -475,7 +476,8 @@ def yes_no_questions(cat: Category, colour: str, rng: np.random.Generator
             q = (f"Is the {cat.name} a colour other than {c}?" if negated
                  else f"Is the {cat.name} {c}?")
             fact = f"The {cat.name} is {colour}" + ("." if true else f", not {c}.")
-        asked.append((q, f"{fact} {decide('yes' if true != negated else 'no')}"))
+        label = "yes" if true != negated else "no"
+        asked.append((q, f"{fact} {decide(label)}", label))
     return asked
 
 
@@ -507,12 +509,11 @@ def make_pretrain(cats: list[Category], n_images: int, out: Path, size: int,
             records.append({"id": rid, "test_image": rel, "reference_image": None,
                             "category": cat.name, "source": "synthad", "level": "general",
                             "group": rid, "question": q, "answers": [a], "label": None})
-        for k, (q, a) in enumerate(yes_no_questions(cat, colour, yn_rng)):
+        for k, (q, a, label) in enumerate(yes_no_questions(cat, colour, yn_rng)):
             rid = f"synth-pretrain-{i:05d}-yn{k}"
             records.append({"id": rid, "test_image": rel, "reference_image": None,
                             "category": cat.name, "source": "synthad", "level": "general",
-                            "group": rid, "question": q, "answers": [a],
-                            "label": a.rsplit(" ", 1)[1].rstrip(".").lower()})
+                            "group": rid, "question": q, "answers": [a], "label": label})
     return records
 
 
