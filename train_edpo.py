@@ -33,9 +33,9 @@ from sage.distributed import all_reduce_sum, cleanup, gather_objects, init_distr
 from sage.losses import answer_logprobs, dpo_rewards, edpo_loss
 from sage.tokenizer import Tokenizer
 from sage.training import (MetricsLog, accumulation_steps, add_optim_args, add_runtime_args,
-                           build_model, build_optimizer, check_finite, eta, export_model,
-                           grad_norm_and_clip, lr_at, resolve_recipe, resume, save_checkpoint,
-                           seed_everything, status_line, to_device)
+                           build_model, build_optimizer, check_finite, check_run_dir, eta,
+                           export_model, grad_norm_and_clip, lr_at, resolve_recipe, resume,
+                           save_checkpoint, seed_everything, status_line, to_device)
 
 # ----------------------------------------------------------------------------- arguments
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -73,6 +73,7 @@ pairs = "extreme" if args.loss == "dpo" else "both"
 dist = init_distributed(args.device)
 seed_everything(args.seed + dist.rank)
 run_dir = Path(args.out)
+check_run_dir(run_dir, args.resume)
 run_dir.mkdir(parents=True, exist_ok=True)
 
 # ----------------------------------------------------------------------------- model

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from sage.config import SageConfig
 from sage.quickstart import EDPO_GLOBAL_BATCH, run
+from sage.training import keep_aside
 
 
 def evaluate(models: dict[str, str], data: Path, out: Path, setting: str, log: Path,
@@ -63,11 +64,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.fast:
         args.sfe_steps = args.edpo_steps = 2
     py, data, out = sys.executable, Path(args.data), Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    log = out / "ablations.log"
-    limit = ["--limit", "20"] if args.fast else []
     if not (data / "manifest.json").exists():
         raise SystemExit(f"{data}: no SynthAD here; run `python -m sage.quickstart` first")
+    aside = keep_aside(out)  # an earlier run: renamed, never overwritten
+    if aside:
+        print(f"kept the earlier run {out} as {aside}")
+    out.mkdir(parents=True)
+    log = out / "ablations.log"
+    limit = ["--limit", "20"] if args.fast else []
 
     def sfe(name, seed, *flags):
         d = out / f"s{seed}" / name

@@ -221,6 +221,29 @@ def load_checkpoint(path: Path, model, optimizer, rank: int) -> dict:
     return json.loads((path / "meta.json").read_text())
 
 
+def check_run_dir(run_dir: Path, resume: bool) -> None:
+    """Refuse to start a new run over an earlier run's checkpoints (it would crash at the
+    first save onto an existing step, and pruning would delete the earlier run's)."""
+    ckpt = None if resume else latest_checkpoint(run_dir)
+    if ckpt is not None:
+        raise SystemExit(f"{run_dir} holds checkpoints of an earlier run ({ckpt.name}); pass "
+                         "--resume to continue it or choose another --out (nothing was changed)")
+
+
+def keep_aside(path: Path) -> Path | None:
+    """Rename an existing run directory to `<path>.<timestamp>` so a new run can use the
+    name; -> the new name (None when there was nothing). Nothing is deleted."""
+    if not path.exists():
+        return None
+    aside = path.with_name(f"{path.name}.{time.strftime('%Y%m%d-%H%M%S')}")
+    n = 1
+    while aside.exists():
+        aside = path.with_name(f"{path.name}.{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+        n += 1
+    path.rename(aside)
+    return aside
+
+
 def resume(run_dir: Path, model, optimizer, sampler, rank: int) -> int:
     """--resume: restore the newest complete checkpoint (model, optimizer, RNG, data position);
     -> the step to continue from (0 when there is none yet)."""

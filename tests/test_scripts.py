@@ -114,6 +114,26 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(base, synth, tmp_path):
     assert "samples:" in proc.stderr
     ckpt = latest_checkpoint(out)
     assert ckpt is not None and json.loads((ckpt / "meta.json").read_text())["complete"]
+    # a new run over it refuses before training (it used to crash at the first save onto an
+    # existing step, after all the work, and its pruning could delete the earlier run's)
+    proc = run("train_sfe.py", "--init", str(base), "--data", str(synth), "--max_steps", "1",
+               "--out", str(out), *SMALL, check=False)
+    assert proc.returncode != 0
+    assert f"holds checkpoints of an earlier run ({ckpt.name})" in proc.stderr
+    assert latest_checkpoint(out) == ckpt
+
+
+def test_keep_aside_renames_and_never_deletes(tmp_path):
+    from sage.training import keep_aside
+    assert keep_aside(tmp_path / "none") is None
+    runs = []
+    for i in range(2):  # twice within one second: the second name gets a suffix
+        (tmp_path / "qs").mkdir()
+        (tmp_path / "qs" / "report.md").write_text(str(i))
+        runs.append(keep_aside(tmp_path / "qs"))
+    assert not (tmp_path / "qs").exists() and runs[0] != runs[1]
+    assert [(r / "report.md").read_text() for r in runs] == ["0", "1"]
+    assert all(r.name.startswith("qs.") for r in runs)
 
 
 def test_plan_runs_without_allocating():
