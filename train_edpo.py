@@ -161,7 +161,7 @@ while step < max_steps:
     n_pairs = all_reduce_sum(torch.tensor(float(sum(b["n_pairs"] for b in batches)),
                                           device=dist.device)).item()
     stats = torch.zeros(6, device=dist.device)  # loss, margin, acc, dH_max, dH_min, tokens
-    for i, batch in enumerate(batches):
+    for batch in batches:
         batch = to_device(batch, dist.device)
         M = batch["n_pairs"]
         if ref_table is not None:

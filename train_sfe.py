@@ -157,7 +157,7 @@ while step < max_steps:
     n_local = sum(int((b["labels"] != -100).sum()) for b in batches)
     n_global = all_reduce_sum(torch.tensor(float(n_local), device=dist.device)).item()
     loss_total, tokens = torch.zeros((), device=dist.device), 0
-    for i, batch in enumerate(batches):
+    for batch in batches:
         batch = to_device(batch, dist.device)
         # No set_requires_gradient_sync(False) on the first micro-batches: FSDP2 would then
         # hold every rank's unsharded gradients in fp32 (sage.plan: 130 GiB for 40B); each

@@ -235,11 +235,10 @@ def keep_aside(path: Path) -> Path | None:
     name; -> the new name (None when there was nothing). Nothing is deleted."""
     if not path.exists():
         return None
-    aside = path.with_name(f"{path.name}.{time.strftime('%Y%m%d-%H%M%S')}")
-    n = 1
+    stamp = f"{path.name}.{time.strftime('%Y%m%d-%H%M%S')}"
+    aside, n = path.with_name(stamp), 1
     while aside.exists():
-        aside = path.with_name(f"{path.name}.{time.strftime('%Y%m%d-%H%M%S')}-{n}")
-        n += 1
+        aside, n = path.with_name(f"{stamp}-{n}"), n + 1
     path.rename(aside)
     return aside
 
