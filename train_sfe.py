@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from sage.checkpoint import INTERNVIT_KEY_MAP, load_into
 from sage.config import SageConfig
 from sage.data import Collator, GeneralDataset, ResumableDistributedSampler, SFEDataset, load_jsonl
 from sage.distributed import all_reduce_sum, cleanup, init_distributed, print0
@@ -41,6 +42,9 @@ p.add_argument("--stage", choices=["sfe", "pretrain"], default="sfe",
 p.add_argument("--preset", default="tiny", help="config preset for --stage pretrain / --plan")
 p.add_argument("--tokenizer", default=None,
                help="directory with tokenizer.model for --stage pretrain (default: --data)")
+p.add_argument("--vision", default=None,
+               help="--stage pretrain: InternViT directory (HF layout) to build on, e.g. from "
+                    "`python -m sage.perception`; it stays frozen (default: random)")
 p.add_argument("--facts", choices=["fe", "hard", "none"], default="fe",
                help="fe: fusion attention (default); hard: facts as text; none: plain SFT")
 p.add_argument("--n_facts", type=int, default=None, help="N fact tokens (Eq. 2); default: config")
@@ -60,6 +64,8 @@ p.add_argument("--plan_world", type=int, default=8, help="--plan: number of rank
 p.add_argument("--plan_gpu_gib", type=float, default=80.0, help="--plan: GPU memory (GiB)")
 p.add_argument("--plan_seq_len", type=int, default=2048, help="--plan: tokens per sample")
 args = p.parse_args()
+if args.vision and args.stage != "pretrain":
+    p.error("--vision only applies to --stage pretrain (sfe starts from --init, tower included)")
 
 RECIPES = {"paper": dict(lr=2e-6, warmup=1000, max_steps=5000),
            "tiny": dict(lr=1e-3, warmup=30, max_steps=300)}
@@ -115,6 +121,8 @@ model = build_model(cfg, dist, init_dir, stage="pretrain" if args.stage == "pret
                     activation_checkpointing=args.activation_checkpointing,
                     cpu_offload=args.cpu_offload)
 model.tokenizer = tokenizer
+if args.vision:  # a perceiving tower under the fresh VLM (the tiny stand-in for InternViT-6B)
+    print0(f"loaded {args.vision}: {load_into(model.vision, args.vision, INTERNVIT_KEY_MAP)}")
 optimizer = build_optimizer(model, lr, args.weight_decay, dist.device)
 
 # ----------------------------------------------------------------------------- data

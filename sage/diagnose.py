@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -123,9 +124,15 @@ def fact_token_similarity(model, records: list[dict], root: str) -> dict:
 
 def auroc(pos: list[float], neg: list[float]) -> float:
     """P(a random `pos` score > a random `neg` score), ties counting half."""
-    if not pos or not neg:
-        raise ValueError(f"sage.diagnose: AUROC needs both classes ({len(pos)} / {len(neg)})")
-    return sum((p > n) + 0.5 * (p == n) for p in pos for n in neg) / (len(pos) * len(neg))
+    pos, neg = np.asarray(pos, dtype=np.float64).ravel(), np.asarray(neg, dtype=np.float64).ravel()
+    if not pos.size or not neg.size:
+        raise ValueError(f"sage.diagnose: AUROC needs both classes ({pos.size} / {neg.size})")
+    # Mann-Whitney U from average ranks (tied scores share their mean rank: ties count half)
+    _, inverse, counts = np.unique(np.concatenate([pos, neg]), return_inverse=True,
+                                   return_counts=True)
+    ranks = (np.cumsum(counts) - (counts - 1) / 2)[inverse]  # 1-based average ranks
+    u = ranks[:pos.size].sum() - pos.size * (pos.size + 1) / 2
+    return float(u / (pos.size * neg.size))
 
 
 @torch.no_grad()

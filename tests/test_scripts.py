@@ -63,6 +63,26 @@ def base(synth, tmp_path_factory):
     return out / "export"
 
 
+def test_pretrain_builds_on_a_given_frozen_internvit(synth, tmp_path):
+    from sage.models.intern_vit import InternViT
+    from sage.perception import main as perception_main
+
+    vit_dir = tmp_path / "vit"
+    perception_main(["--out", str(vit_dir), "--renders", "4", "--held_out", "2", "--steps", "1",
+                     "--batch", "2"])
+    out = tmp_path / "pre"
+    run("train_sfe.py", "--stage", "pretrain", "--data", str(synth), "--vision", str(vit_dir),
+        "--out", str(out), "--max_steps", "1", "--tokenizer", str(ROOT / "weights" / "sage-tiny-base"),
+        *SMALL)
+    vit = InternViT.from_pretrained(vit_dir)
+    exported = sage.load_pretrained(out / "export").vision
+    for (name, a), (_, b) in zip(vit.state_dict().items(), exported.state_dict().items()):
+        torch.testing.assert_close(b, a, atol=0, rtol=0, msg=name)  # loaded, then frozen
+    proc = run("train_sfe.py", "--vision", str(vit_dir), "--out", str(tmp_path / "x"),
+               check=False)
+    assert proc.returncode == 2 and "--vision only applies to --stage pretrain" in proc.stderr
+
+
 def test_sfe_single_vs_two_processes_and_export(base, synth, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     args = ["train_sfe.py", "--init", str(base), "--data", str(synth), "--max_steps", "2", *SMALL]
