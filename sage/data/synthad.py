@@ -59,6 +59,10 @@ P_TRUE = 0.7
 # crack, stain) with AUROC 0.60; with shared stations 0.85 (about 130 pairs each).
 POSE_JITTER, SCALE_JITTER, LIGHT_JITTER = 0.03, 0.04, 0.1
 SHOT_JITTER = 0.01
+# A general VLM describes surface marks it sees (InternVL2 does): half the pretrain shots
+# carry one of these, named in the caption; the anomaly splits' images are untouched.
+SURFACE_MARKS = ("scratch", "hole", "crack", "stain")
+P_MARK = 0.5
 UNSEEN = ("nut", "cable")  # evaluation-only categories (paper protocol: unseen categories)
 
 CONSEQUENCE = {
@@ -271,9 +275,12 @@ def draw_defect(img: Image.Image, defect: str, region: str, rng: np.random.Gener
 def render(cat: Category, variant: int, size: int, rng: np.random.Generator, scale: float,
            defect: str | None = None, region: str | None = None,
            missing: str | None = None, colour_variant: int | None = None,
-           fixture: dict | None = None) -> Image.Image:
+           fixture: dict | None = None, defect_rng: np.random.Generator | None = None
+           ) -> Image.Image:
     """One product photo: pose / lighting jitter, optional defect. `fixture` (from
-    `fixture()`) places several shots on one bench and pose, each with the small SHOT_JITTER."""
+    `fixture()`) places several shots on one bench and pose, each with the small SHOT_JITTER.
+    `defect_rng` draws the defect's shape instead of `rng` (the pretrain split's marks, so
+    that `rng` makes the same draws with and without them)."""
     rgb = cat.variants[variant if colour_variant is None else colour_variant][1]
     if fixture is None:  # a single shot; its draw order keeps the pretrain split unchanged
         img = background(size, rng)
@@ -288,7 +295,7 @@ def render(cat: Category, variant: int, size: int, rng: np.random.Generator, sca
         bright = fixture["bright"] * rng.uniform(1 - 3 * j, 1 + 3 * j)
     draw_object(img, cat, rgb, scale, offset, missing, bright=bright)
     if defect in ("scratch", "hole", "crack", "stain"):
-        draw_defect(img, defect, region, rng)
+        draw_defect(img, defect, region, rng if defect_rng is None else defect_rng)
     return img.filter(ImageFilter.GaussianBlur(0.5))
 
 
@@ -481,12 +488,23 @@ def yes_no_questions(cat: Category, colour: str, rng: np.random.Generator
     return asked
 
 
-def make_pretrain(cats: list[Category], n_images: int, out: Path, size: int,
-                  rng: np.random.Generator, yn_rng: np.random.Generator) -> list[dict]:
-    """Captions, general questions and fact prompts on normal images: no anomaly QA.
+def surface_mark(cat: Category, rng: np.random.Generator) -> tuple[str | None, str | None, str]:
+    """-> (mark, region, sentence): half the pretrain shots carry a surface mark, described
+    the way a general VLM describes what it sees (no reference, no verdict, no anomaly)."""
+    if rng.random() >= P_MARK:
+        return None, None, f"The surface of the {cat.name} is clean."
+    mark, region = SURFACE_MARKS[int(rng.integers(len(SURFACE_MARKS)))], REGIONS[int(rng.integers(9))]
+    return mark, region, f"The {cat.name} has a {mark} at the {region}."
 
-    `yn_rng` draws the Yes/No questions (`yes_no_questions`) apart from `rng`, so adding them
-    left every image and every other split as it was."""
+
+def make_pretrain(cats: list[Category], n_images: int, out: Path, size: int,
+                  rng: np.random.Generator, yn_rng: np.random.Generator,
+                  mark_rng: np.random.Generator) -> list[dict]:
+    """Captions, general questions and fact prompts: no anomaly QA.
+
+    `yn_rng` draws the Yes/No questions (`yes_no_questions`) and `mark_rng` the surface marks
+    (`surface_mark`: which, where, and their shapes) apart from `rng`, so adding them left
+    every other split as it was."""
     records = []
     img_dir = out / "images" / "pretrain"
     img_dir.mkdir(parents=True, exist_ok=True)
@@ -495,10 +513,12 @@ def make_pretrain(cats: list[Category], n_images: int, out: Path, size: int,
         v = int(rng.integers(len(cat.variants)))
         colour = cat.variants[v][0]
         rel = f"images/pretrain/{cat.name}-{i:05d}.png"
-        render(cat, v, size, rng, float(rng.choice([0.9, 1.0]))).save(out / rel)
+        mark, where, seen = surface_mark(cat, mark_rng)
+        render(cat, v, size, rng, float(rng.choice([0.9, 1.0])), defect=mark, region=where,
+               defect_rng=mark_rng).save(out / rel)
         comp, region = cat.components[int(rng.integers(len(cat.components)))]
         qa = [("Describe the image.", f"A {colour} {cat.name} on a grey bench. It is "
-                                      f"{cat.description}."),
+                                      f"{cat.description}. {seen}"),
               ("What object is shown in the image?", f"It is a {cat.name}."),
               (f"What colour is the {cat.name}?", f"The {cat.name} is {colour}."),
               (f"Where is the {comp} of the {cat.name}?", f"The {comp} is at the {region}.")]
@@ -509,6 +529,11 @@ def make_pretrain(cats: list[Category], n_images: int, out: Path, size: int,
             records.append({"id": rid, "test_image": rel, "reference_image": None,
                             "category": cat.name, "source": "synthad", "level": "general",
                             "group": rid, "question": q, "answers": [a], "label": None})
+        rid = f"synth-pretrain-{i:05d}-surface"
+        records.append({"id": rid, "test_image": rel, "reference_image": None,
+                        "category": cat.name, "source": "synthad", "level": "general",
+                        "group": rid, "question": f"Describe the surface of the {cat.name}.",
+                        "answers": [seen], "label": None})
         for k, (q, a, label) in enumerate(yes_no_questions(cat, colour, yn_rng)):
             rid = f"synth-pretrain-{i:05d}-yn{k}"
             records.append({"id": rid, "test_image": rel, "reference_image": None,
@@ -536,7 +561,8 @@ def generate(out: str | Path, seed: int = 0, size: int = 224, scale: float = 1.0
     unseen = [c for c in CATEGORIES if c.name in UNSEEN]
     n = {k: max(len(CATEGORIES), int(round(v * scale))) for k, v in SIZES.items()}
     splits = {"pretrain": make_pretrain(list(CATEGORIES), n["pretrain"], out, size, rng,
-                                        np.random.default_rng([seed, 1]))}
+                                        np.random.default_rng([seed, 1]),
+                                        np.random.default_rng([seed, 2]))}
     for split, cats in (("sfe_train", seen), ("edpo_train", seen), ("test_seen", seen),
                         ("test_unseen", unseen)):
         splits[split] = make_groups(split, cats, n[split], out, size, rng)

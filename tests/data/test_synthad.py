@@ -9,6 +9,7 @@ from collections import defaultdict
 
 import pytest
 
+from sage.data import synthad
 from sage.data.oracle import extract_decision, oracle_scores
 from sage.data.prompts import FACT_PROMPTS
 from sage.data.schema import load_jsonl
@@ -124,6 +125,29 @@ def test_pretrain_has_no_anomaly_qa(synth):
     assert 0.3 < len(negated) / len(yn) < 0.7
     assert all(extract_decision(r["answers"][0]) == r["label"] for r in yn)
     assert any(r["question"] == FACT_PROMPTS[0] for r in pre)
+
+
+def test_pretrain_surface_marks_leave_the_other_splits_alone(synth, tmp_path, monkeypatch):
+    pre = load_jsonl(synth / "pretrain.jsonl", kind="general")
+    surface = {r["test_image"]: r["answers"][0] for r in pre if r["id"].endswith("-surface")}
+    assert len(surface) == len({r["test_image"] for r in pre})  # one per pretrain image
+    marked = [a for a in surface.values() if "clean" not in a]
+    assert 0.3 < len(marked) / len(surface) < 0.7
+    assert all(re.fullmatch(r"The \w+ has a (scratch|hole|crack|stain) at the [\w-]+\.", a)
+               for a in marked), marked[:3]
+    for r in pre:  # the caption says what the surface question says
+        if r["question"] == "Describe the image.":
+            assert r["answers"][0].endswith(surface[r["test_image"]])
+    # without any marks, every anomaly split (records and images) is byte for byte the same
+    monkeypatch.setattr(synthad, "P_MARK", 0.0)
+    plain = tmp_path / "plain"
+    generate(plain, seed=0, scale=0.1)
+    for split in SPLITS:
+        assert (plain / f"{split}.jsonl").read_bytes() == (synth / f"{split}.jsonl").read_bytes()
+        for img in (synth / "images" / split).iterdir():
+            assert (plain / "images" / split / img.name).read_bytes() == img.read_bytes(), img
+    assert all(r["answers"][0].endswith("is clean.") for r in load_jsonl(
+        plain / "pretrain.jsonl", kind="general") if r["id"].endswith("-surface"))
 
 
 def test_answers_give_the_evidence_then_the_decision(synth):
