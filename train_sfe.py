@@ -122,7 +122,8 @@ model = build_model(cfg, dist, init_dir, stage="pretrain" if args.stage == "pret
                     cpu_offload=args.cpu_offload)
 model.tokenizer = tokenizer
 if args.vision:  # a perceiving tower under the fresh VLM (the tiny stand-in for InternViT-6B)
-    print0(f"loaded {args.vision}: {load_into(model.vision, args.vision, INTERNVIT_KEY_MAP)}")
+    report = load_into(model.vision, args.vision, INTERNVIT_KEY_MAP)
+    print0(f"loaded {args.vision}: {report}")
 optimizer = build_optimizer(model, lr, args.weight_decay, dist.device)
 
 # ----------------------------------------------------------------------------- data

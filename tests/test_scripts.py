@@ -72,8 +72,8 @@ def test_pretrain_builds_on_a_given_frozen_internvit(synth, tmp_path):
                      "--batch", "2"])
     out = tmp_path / "pre"
     run("train_sfe.py", "--stage", "pretrain", "--data", str(synth), "--vision", str(vit_dir),
-        "--out", str(out), "--max_steps", "1", "--tokenizer", str(ROOT / "weights" / "sage-tiny-base"),
-        *SMALL)
+        "--out", str(out), "--max_steps", "1",
+        "--tokenizer", str(ROOT / "weights" / "sage-tiny-base"), *SMALL)
     vit = InternViT.from_pretrained(vit_dir)
     exported = sage.load_pretrained(out / "export").vision
     for (name, a), (_, b) in zip(vit.state_dict().items(), exported.state_dict().items()):

@@ -493,7 +493,8 @@ def surface_mark(cat: Category, rng: np.random.Generator) -> tuple[str | None, s
     the way a general VLM describes what it sees (no reference, no verdict, no anomaly)."""
     if rng.random() >= P_MARK:
         return None, None, f"The surface of the {cat.name} is clean."
-    mark, region = SURFACE_MARKS[int(rng.integers(len(SURFACE_MARKS)))], REGIONS[int(rng.integers(9))]
+    mark = SURFACE_MARKS[int(rng.integers(len(SURFACE_MARKS)))]
+    region = REGIONS[int(rng.integers(len(REGIONS)))]
     return mark, region, f"The {cat.name} has a {mark} at the {region}."
 
 
