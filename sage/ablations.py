@@ -26,7 +26,7 @@ from pathlib import Path
 
 from sage.config import SageConfig
 from sage.quickstart import EDPO_GLOBAL_BATCH, run
-from sage.training import keep_aside
+from sage.training import new_run_dir
 
 
 def evaluate(models: dict[str, str], data: Path, out: Path, setting: str, log: Path,
@@ -66,10 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     py, data, out = sys.executable, Path(args.data), Path(args.out)
     if not (data / "manifest.json").exists():
         raise SystemExit(f"{data}: no SynthAD here; run `python -m sage.quickstart` first")
-    aside = keep_aside(out)  # an earlier run: renamed, never overwritten
-    if aside:
-        print(f"kept the earlier run {out} as {aside}")
-    out.mkdir(parents=True)
+    new_run_dir(out)  # an earlier run is renamed aside, never overwritten
     log = out / "ablations.log"
     limit = ["--limit", "20"] if args.fast else []
 

@@ -23,6 +23,7 @@ Nothing here knows about anomalies, references or questions.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 from pathlib import Path
@@ -64,8 +65,7 @@ def render_sample(rng: np.random.Generator, size: int, patch: int, p_mark: float
     elif mark:
         kw.update(defect=MARKS[mark], region=REGIONS[int(rng.integers(len(REGIONS)))])
     # the clean twin consumes the same draws up to the mark, so it is the same shot
-    twin = np.random.Generator(type(rng.bit_generator)())
-    twin.bit_generator.state = rng.bit_generator.state
+    twin = copy.deepcopy(rng)
     img = render(cat, v, size, rng, scale, **kw)
     labels = np.zeros((size // patch) ** 2, dtype=np.int64)
     if mark:

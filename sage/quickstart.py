@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from sage.training import keep_aside
+from sage.training import new_run_dir
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout: the scripts live at its top level
 EDPO_GLOBAL_BATCH = 16  # instances per E-DPO step (2 pairs, 4 sequences each): ~2.5 s on 2 cores
@@ -59,10 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.fast:
         args.sfe_steps, args.edpo_steps, args.scale = 2, 2, 0.05
     py, out, data = sys.executable, Path(args.out), Path(args.data)
-    aside = keep_aside(out)  # an earlier run: renamed, never overwritten
-    if aside:
-        print(f"kept the earlier run {out} as {aside}")
-    out.mkdir(parents=True)
+    new_run_dir(out)  # an earlier run is renamed aside, never overwritten
     log = out / "quickstart.log"
     t0 = time.time()
     limit = ["--limit", "20"] if args.fast else []

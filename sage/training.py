@@ -243,6 +243,15 @@ def keep_aside(path: Path) -> Path | None:
     return aside
 
 
+def new_run_dir(path: Path) -> None:
+    """Create `path` for a new run of a driver (quickstart, ablations), first moving an earlier
+    run there aside with `keep_aside` and saying so."""
+    aside = keep_aside(path)
+    if aside:
+        print(f"kept the earlier run {path} as {aside}")
+    path.mkdir(parents=True)
+
+
 def resume(run_dir: Path, model, optimizer, sampler, rank: int) -> int:
     """--resume: restore the newest complete checkpoint (model, optimizer, RNG, data position);
     -> the step to continue from (0 when there is none yet)."""

@@ -86,7 +86,7 @@ def test_evaluate_aurocs_follow_the_mark_head():
         float((pool["marks"][pool["marks"] > 0] == 1).float().mean()))  # argmax picks "scratch"
 
 
-def test_cli_writes_a_loadable_internvit(tmp_path, monkeypatch):
+def test_cli_writes_a_loadable_internvit(tmp_path):
     out = tmp_path / "vit"
     main(["--out", str(out), "--renders", "4", "--held_out", "2", "--steps", "1", "--batch", "2"])
     vit = InternViT.from_pretrained(out)

@@ -74,10 +74,11 @@ def test_pretrain_builds_on_a_given_frozen_internvit(synth, tmp_path):
     run("train_sfe.py", "--stage", "pretrain", "--data", str(synth), "--vision", str(vit_dir),
         "--out", str(out), "--max_steps", "1",
         "--tokenizer", str(ROOT / "weights" / "sage-tiny-base"), *SMALL)
-    vit = InternViT.from_pretrained(vit_dir)
-    exported = sage.load_pretrained(out / "export").vision
-    for (name, a), (_, b) in zip(vit.state_dict().items(), exported.state_dict().items()):
-        torch.testing.assert_close(b, a, atol=0, rtol=0, msg=name)  # loaded, then frozen
+    given = InternViT.from_pretrained(vit_dir).state_dict()
+    exported = sage.load_pretrained(out / "export").vision.state_dict()
+    assert exported.keys() == given.keys()
+    for name, a in given.items():
+        torch.testing.assert_close(exported[name], a, atol=0, rtol=0, msg=name)  # loaded, frozen
     proc = run("train_sfe.py", "--vision", str(vit_dir), "--out", str(tmp_path / "x"),
                check=False)
     assert proc.returncode == 2 and "--vision only applies to --stage pretrain" in proc.stderr
@@ -144,7 +145,7 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(base, synth, tmp_path):
 
 
 def test_keep_aside_renames_and_never_deletes(tmp_path):
-    from sage.training import keep_aside
+    from sage.training import keep_aside, new_run_dir
     assert keep_aside(tmp_path / "none") is None
     runs = []
     for i in range(2):  # twice within one second: the second name gets a suffix
@@ -154,6 +155,11 @@ def test_keep_aside_renames_and_never_deletes(tmp_path):
     assert not (tmp_path / "qs").exists() and runs[0] != runs[1]
     assert [(r / "report.md").read_text() for r in runs] == ["0", "1"]
     assert all(r.name.startswith("qs.") for r in runs)
+    new_run_dir(tmp_path / "qs")  # empty name: just created
+    (tmp_path / "qs" / "report.md").write_text("2")
+    new_run_dir(tmp_path / "qs")  # the earlier run goes aside, the new directory is empty
+    assert not any((tmp_path / "qs").iterdir())
+    assert sorted((r / "report.md").read_text() for r in tmp_path.glob("qs.*")) == ["0", "1", "2"]
 
 
 def test_plan_runs_without_allocating():
