@@ -5,9 +5,11 @@ A prediction is a dict with at least: id, group, level, label ("yes"/"no"), deci
 
     accuracy      per level (standard / identification / diagnosis) and their average;
                   an answer with no decision is wrong and counted separately (no_decision)
-    Acc-G         a group (same `group` id: the 5 questions on one test/reference pair)
-                  counts only if all of its answers are right; overall and per level
-    MLE (Table 2) mean type / location / logic sub-scores and their mean (Eq. 3)
+    Acc-G         a group (same `group` id: the questions on one test/reference pair, 5 in
+                  MANTA and SynthAD, any number in MMAD or under --limit) counts only if all
+                  of its answers are right; overall and per level, with the group sizes
+    MLE (Table 2) mean type / location / logic sub-scores and their mean (Eq. 3), with the
+                  number of answers the judge failed to score
 
     m = summarize(preds); print(m["accuracy"]["average"], m["acc_g"]["overall"])
 """
@@ -36,41 +38,50 @@ def accuracy_by_level(preds: list[dict]) -> dict:
     return out
 
 
-def group_accuracy(preds: list[dict], group_size: int | None = 5) -> dict:
-    """Acc-G (%): groups formed by `group` id (never by file order); a group counts only if
-    every answer in it is right. group_size, when given, is checked for every group."""
+def group_accuracy(preds: list[dict], group_size: int | None = None) -> dict:
+    """Acc-G (%): groups formed by `group` id (never by file order), whatever their size; a
+    group counts only if every answer in it is right. -> per level, "overall", "n_groups",
+    "group_sizes" {size: number of groups}. A group that mixes levels (load_jsonl refuses
+    such files) counts in "overall" only, as "n_mixed". group_size, when given, is checked
+    for every group (ValueError)."""
     groups = defaultdict(list)
     for p in preds:
         groups[p["group"]].append(p)
-    per_level = defaultdict(list)
+    per_level, mixed, sizes = defaultdict(list), [], defaultdict(int)
     for gid, members in groups.items():
         if group_size is not None and len(members) != group_size:
             raise ValueError(f"group {gid!r} has {len(members)} predictions, expected "
                              f"{group_size}")
+        sizes[len(members)] += 1
+        right = all(is_correct(m) for m in members)
         levels = {m["level"] for m in members}
-        if len(levels) != 1:
-            raise ValueError(f"group {gid!r} mixes levels {sorted(levels)}")
-        per_level[levels.pop()].append(all(is_correct(m) for m in members))
+        (per_level[levels.pop()] if len(levels) == 1 else mixed).append(right)
     out = {lvl: 100.0 * sum(v) / len(v) for lvl, v in per_level.items()}
-    ok = [x for v in per_level.values() for x in v]
+    ok = [x for v in per_level.values() for x in v] + mixed
     out["overall"] = 100.0 * sum(ok) / max(1, len(ok))
     out["n_groups"] = len(ok)
+    out["group_sizes"] = dict(sorted(sizes.items()))
+    if mixed:
+        out["n_mixed"] = len(mixed)
     return out
 
 
 def mle_means(preds: list[dict]) -> dict | None:
-    """Mean MLE sub-scores over the predictions the judge scored; None if it scored none."""
+    """Mean MLE sub-scores over the predictions the judge scored, with "n_scored" and
+    "n_failed" (answers the judge could not score: `mle_failure` set); the means are None
+    when it scored none. None when the judge did not run (no score and no failure)."""
     scored = [p["mle"] for p in preds if p.get("mle")]
-    if not scored:
+    failed = sum(1 for p in preds if p.get("mle_failure") is not None)
+    if not scored and not failed:
         return None
     n = len(scored)
-    t, l, g = (sum(s[i] for s in scored) / n for i in range(3))
-    return {"type": t, "location": l, "logic": g, "score": (t + l + g) / 3, "n_scored": n,
-            "n_failed": sum(1 for p in preds if p.get("mle_failure"))}
+    t, l, g = (sum(s[i] for s in scored) / n if n else None for i in range(3))
+    return {"type": t, "location": l, "logic": g, "score": (t + l + g) / 3 if n else None,
+            "n_scored": n, "n_failed": failed}
 
 
-def summarize(preds: list[dict], group_size: int | None = 5) -> dict:
-    """Every number of one (model, setting) evaluation."""
+def summarize(preds: list[dict], group_size: int | None = None) -> dict:
+    """Every number of one (model, setting) evaluation (group_size: see group_accuracy)."""
     sb = [p["sbert"] for p in preds if p.get("sbert") is not None]
     return {
         "n": len(preds),
@@ -86,6 +97,12 @@ def _fmt(x) -> str:
     return "–" if x is None else f"{x:.2f}"
 
 
+def _fmt_mle(m: dict, key: str) -> str:
+    """An MLE mean with the answers the judge failed to score: '3.21 (2 unscored)'."""
+    cell = _fmt(m.get(key))
+    return f"{cell} ({m['n_failed']} unscored)" if m.get("n_failed") else cell
+
+
 def format_report(results: dict, settings: list[str]) -> str:
     """Markdown: Table 1 layout (accuracy per level, average, Acc-G; zero-shot / one-shot
     pairs) and Table 2 (MLE sub-scores). results[model][setting] = summarize(...)."""
@@ -94,6 +111,7 @@ def format_report(results: dict, settings: list[str]) -> str:
                                      "Acc-G", "No decision") for s in settings) + " |"
     lines = ["## Accuracy (%) — Table 1 layout", "", head,
              "|" + "---|" * (1 + 6 * len(settings))]
+    sizes = {}
     for model, per in results.items():
         cells = []
         for key in ("standard", "identification", "diagnosis", "average"):
@@ -101,13 +119,22 @@ def format_report(results: dict, settings: list[str]) -> str:
         cells += [_fmt(per[s]["acc_g"]["overall"]) for s in settings]
         cells += [str(per[s]["no_decision"]) for s in settings]
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
+        for s in settings:
+            hist = per[s]["acc_g"].get("group_sizes") or {}
+            text = ", ".join(f"{n} × {k} questions" for k, n in hist.items())
+            sizes.setdefault(text, []).append(f"{model} ({s})")
+    if len(sizes) == 1 and next(iter(sizes)):
+        lines += ["", f"Acc-G groups: {next(iter(sizes))}."]
+    elif len(sizes) > 1:
+        lines += ["", "Acc-G groups: " + "; ".join(
+            f"{', '.join(who)}: {text or 'none'}" for text, who in sizes.items()) + "."]
     lines += ["", "## MLE (1–5) — Table 2 layout", "",
               "| Model | Setting | Type | Location | Logic | Score | SBERT |",
               "|---|---|---|---|---|---|---|"]
     for model, per in results.items():
         for s in settings:
             m = per[s]["mle"] or {}
-            lines.append(f"| {model} | {s} | {_fmt(m.get('type'))} | "
-                         f"{_fmt(m.get('location'))} | {_fmt(m.get('logic'))} | "
-                         f"{_fmt(m.get('score'))} | {_fmt(per[s]['sbert'])} |")
+            lines.append(f"| {model} | {s} | " + " | ".join(
+                _fmt_mle(m, k) for k in ("type", "location", "logic", "score"))
+                + f" | {_fmt(per[s]['sbert'])} |")
     return "\n".join(lines) + "\n"

@@ -1,35 +1,18 @@
-"""Metrics (sage/metrics.py) on hand-made predictions: accuracy per level, Acc-G by group id,
-no-decision counting, MLE means, the report layout; and the Yes/No decision rule."""
+"""Metrics (sage/metrics.py) on hand-made predictions: accuracy per level, Acc-G by group id
+(groups of any size), no-decision counting, MLE means and failures, the report layout. The
+Yes/No decision rule is tested in tests/data/test_oracle.py."""
 
+import json
 import math
 
 import pytest
 
-from sage.data.oracle import extract_decision
 from sage.metrics import accuracy_by_level, group_accuracy, mle_means, summarize, format_report
 
 
 def pred(group, level, label, decision, mle=None, **kw):
     return {"id": f"{group}-{kw.pop('i', 0)}", "group": group, "level": level, "label": label,
             "decision": decision, "mle": mle, **kw}
-
-
-@pytest.mark.parametrize("text,want", [
-    ("Yes, there is a scratch.", "yes"),
-    ("No. The part is normal.", "no"),
-    ("yes", "yes"),
-    ("NO defect is visible", "no"),
-    ("True: a hole at the top.", "yes"),
-    ("False.", "no"),
-    ("No, but yes there could be", "no"),          # the first decision word wins
-    ("The part is defective, so yes.", "yes"),
-    ("I see a notch on the knob", None),           # "no" inside a word does not count
-    ("Yesterday it was fine", None),
-    ("", None),
-    (None, None),
-])
-def test_extract_decision(text, want):
-    assert extract_decision(text) == want
 
 
 def test_accuracy_per_level_and_average():
@@ -43,7 +26,7 @@ def test_accuracy_per_level_and_average():
     assert acc["diagnosis"] == 50.0
     assert acc["average"] == pytest.approx((75 + 100 + 50) / 3)   # unweighted over levels
     assert acc["overall"] == pytest.approx(100 * 6 / 8)
-    assert summarize(preds, group_size=None)["no_decision"] == 1
+    assert summarize(preds)["no_decision"] == 1
 
 
 def test_acc_g_groups_by_id_not_by_order():
@@ -60,13 +43,26 @@ def test_acc_g_groups_by_id_not_by_order():
     assert group_accuracy(g1)["overall"] == 0.0
 
 
-def test_acc_g_rejects_bad_groups():
-    short = [pred("g", "standard", "yes", "yes", i=i) for i in range(4)]
-    with pytest.raises(ValueError, match="group 'g' has 4 predictions, expected 5"):
-        group_accuracy(short)
-    mixed = short + [pred("g", "diagnosis", "yes", "yes", i=4)]
-    with pytest.raises(ValueError, match="mixes levels"):
-        group_accuracy(mixed)
+def test_acc_g_uses_groups_as_they_are():
+    """Groups of any size (MMAD, --limit): no error, and their sizes are reported."""
+    three = [pred("g3", "standard", "yes", "yes", i=i) for i in range(3)]
+    one = [pred("g1", "diagnosis", "no", "no")]
+    five = [pred("g5", "identification", "no", "no", i=i) for i in range(4)] + \
+        [pred("g5", "identification", "no", None, i=4)]
+    g = group_accuracy(three + one + five)
+    assert g["n_groups"] == 3 and g["overall"] == pytest.approx(200 / 3)
+    assert g["group_sizes"] == {1: 1, 3: 1, 5: 1}
+    assert (g["standard"], g["diagnosis"], g["identification"]) == (100.0, 100.0, 0.0)
+    s = summarize(three + one)  # the default checks no size
+    assert s["acc_g"]["group_sizes"] == {1: 1, 3: 1}
+    json.dumps(s)  # metrics.json can hold it
+    # a caller may still insist on a size
+    with pytest.raises(ValueError, match="group 'g3' has 3 predictions, expected 5"):
+        group_accuracy(three, group_size=5)
+    # a group mixing levels (load_jsonl refuses such files) counts in "overall" only
+    mixed = three + [pred("g3", "diagnosis", "yes", "yes", i=3)]
+    g = group_accuracy(mixed)
+    assert g["overall"] == 100.0 and g["n_mixed"] == 1 and "standard" not in g
 
 
 def test_mle_means_and_failures():
@@ -89,3 +85,23 @@ def test_report_has_a_row_per_model_and_both_settings():
     assert "Standard (zero-shot) | Standard (one-shot)" in text
     assert "| Base | zero-shot | 5.00 | 5.00 | 5.00 | 5.00 | – |" in text
     assert not math.isnan(s["accuracy"]["average"])
+
+
+def test_report_counts_unscored_answers_and_group_sizes():
+    ok = [pred("g", "standard", "yes", "yes", mle=[4, 3, 2], i=i) for i in range(3)]
+    failed = [pred("h", "standard", "yes", "yes", mle=None, mle_failure="timeout", i=i)
+              for i in range(2)]
+    s = summarize(ok + failed)
+    assert s["mle"]["n_failed"] == 2 and s["mle"]["n_scored"] == 3
+    text = format_report({"Base": {"zero-shot": s}}, ["zero-shot"])
+    assert ("| Base | zero-shot | 4.00 (2 unscored) | 3.00 (2 unscored) | 2.00 (2 unscored) | "
+            "3.00 (2 unscored) | – |") in text
+    assert "Acc-G groups: 1 × 2 questions, 1 × 3 questions." in text
+    # every answer unscored: no means, but the count is shown
+    s = summarize(failed)
+    assert s["mle"]["score"] is None and s["mle"]["n_failed"] == 2
+    assert "| – (2 unscored) |" in format_report({"Base": {"zero-shot": s}}, ["zero-shot"])
+    # no judge: no counts
+    s = summarize([pred("g", "standard", "yes", "yes")])
+    assert s["mle"] is None
+    assert "unscored" not in format_report({"Base": {"zero-shot": s}}, ["zero-shot"])

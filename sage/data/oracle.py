@@ -1,8 +1,21 @@
 """SynthAD's deterministic MLE judge (Eq. 3 sub-scores) and the Yes/No decision rule.
 
-`extract_decision(text)`: the first whole word among yes/no/true/false (case-insensitive),
-"true" counting as yes and "false" as no; an answer with both takes the first one; none ->
-None (evaluate.py counts it as wrong, separately).
+`extract_decision(text)` -> "yes" / "no" / None, the decision the answer states (DESIGN §3):
+
+  1. A statement of the decision, the last one in the answer winning: "(the/final) answer
+     (to ...) is / : / = X" ("So the answer is Yes", "The answer is no", "answer: yes"), a
+     conclusion word before X ("Therefore, yes", "Hence: No.", "so yes", "Overall, no.",
+     "Conclusion: yes") or a sentence that is only X ("... on the washer. Yes.").
+  2. Otherwise a leading X: "Yes, there is ...", "No. The washer ...", "True: ...", "No -
+     ...", "No because ...".
+  3. Otherwise None (evaluate.py counts it as wrong, separately).
+
+  X is yes / no / true / false (any case, optionally in quotes or **bold**), true counting as
+  yes and false as no. X counts only when it stands alone: followed by punctuation, a line
+  end, the end of the answer, a dash or a reason ("because", "since", "as", "but", "and",
+  "so", ...), never when it leads the words after it: "No scratch is present", "so no
+  defect is visible", "There is no scratch" are evidence, not decisions (after "answer is"
+  any X counts: "The answer is Yes there is a scratch").
 
 `oracle_scores(answer, truth, label, question) -> (type, loc, logic)`, each 1..5, from the
 record's structured truth {"anomalous", "defect", "region", ...}:
@@ -36,15 +49,51 @@ GENERIC = ("defect", "anomaly", "anomalous", "damage", "damaged", "issue", "faul
 NORMAL = ("normal", "no defect", "matches the", "fine", "intact", "fit for use")
 HEDGES = ("maybe", "hard to tell", "not sure", "might", "perhaps", "unclear")
 REASONS = ("so ", "because", " can ", "could", "which", "means", "fit for use", ";")
-_DECISION = re.compile(r"\b(yes|no|true|false)\b", re.IGNORECASE)
+
+_X = r"(yes|no|true|false)"
+_OPEN = r"""[*_"'`“‘(\[]*\s*"""          # markup or quotes before X: **Yes**, "no", (yes)
+_CLOSE = r"""[*_"'`”’)\]]*"""             # ... and after it
+# X stands alone: punctuation, a line end, the end, a dash or a reason follows
+_ALONE = (_CLOSE + r"(?=[^\S\n]*(?:[.!](?!\w)|[,;:)]|\n|$)|\s+[-–—]|\s+(?:because|since|"
+          r"as|but|and|so|given|while|though|although|however|there(?:'s| is| are)?)\b)")
+_IS = r"(?:\s+(?:is|would\s+be|should\s+be|will\s+be)\b\s*:?|\s*[:=]|\s+[-–—])\s*"
+_F = re.IGNORECASE
+_STATEMENTS = [
+    # "So the answer is Yes", "The answer is no", "answer: yes", "final answer = No"
+    re.compile(r"\banswer" + _IS + _OPEN + _X + r"\b(?!\s*(?:/|or\b))", _F),
+    # "My decision is no.", "Verdict: yes"
+    re.compile(r"\b(?:decision|verdict)" + _IS + _OPEN + _X + _ALONE, _F),
+    # "The answer to whether the washer is scratched is no." (X must stand alone here)
+    re.compile(r"\banswer\s+(?:to|for)\s+[^.?!\n]{1,120}?\s(?:is|would\s+be)\s*:?\s*" + _OPEN
+               + _X + _ALONE, _F),
+    # "Therefore, yes", "Hence: No.", "so yes", "In conclusion, no", "Conclusion: yes"
+    re.compile(r"\b(?:so|therefore|thus|hence|consequently|accordingly|overall|in\s+"
+               r"conclusion|in\s+summary|in\s+short|to\s+conclude|to\s+sum\s+up|conclusion)"
+               r"\s*[,:;]?\s*(?:[-–—]\s*)?" + _OPEN + _X + _ALONE, _F),
+    # a sentence that is only X: "... no scratch on the washer. Yes."
+    re.compile(r"(?:^|(?<=[.!?;:\n]))\s*" + _OPEN + _X + _CLOSE
+               + r"[^\S\n]*(?:[.!]+(?=\s|$)|(?=\n)|$)", _F),
+]
+# "Yes, ...", "No. ...", "True: ...", "No - ...", "No because ..." at the start
+_LEADING = re.compile(r"^\s*" + _OPEN + _X + _ALONE, _F)
+
+
+def _yes_no(word: str) -> str:
+    return "yes" if word.lower() in ("yes", "true") else "no"
 
 
 def extract_decision(text: str | None) -> str | None:
-    """'yes' / 'no' from the first yes/no/true/false word of `text`, else None."""
-    m = _DECISION.search(text or "")
-    if m is None:
-        return None
-    return "yes" if m.group(1).lower() in ("yes", "true") else "no"
+    """'yes' / 'no' / None: the decision `text` states (rule: module docstring)."""
+    text = text or ""
+    last = None  # (end position, word) of the last statement of the decision
+    for pat in _STATEMENTS:
+        for m in pat.finditer(text):
+            if last is None or m.end(1) > last[0]:
+                last = (m.end(1), m.group(1))
+    if last is not None:
+        return _yes_no(last[1])
+    m = _LEADING.match(text)
+    return None if m is None else _yes_no(m.group(1))
 
 
 def _neighbours(region: str) -> set[str]:

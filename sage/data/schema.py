@@ -9,15 +9,20 @@ the file). Two kinds of files:
                     "general", >= 1 answer; group and label optional
 
 Every error names the file, the line number and the field (ValueError); `skip_bad=True`
-skips bad lines instead and reports how many through `report` (default: `warn`).
+skips bad lines instead and reports how many through `report` (default: `warn`). Beyond the
+fields' types a line is refused for: invalid UTF-8, a chat control string (CONTROL_TOKENS) in
+any text, an empty string or facts list, a group that changes level, and (check_images) an
+image that is missing, empty, truncated or not an image. A file with no records is an error.
 
     records = load_jsonl("data/synthad/train.jsonl", kind="qa", check_images=True)
 """
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +35,14 @@ GENERAL_LEVEL = "general"
 N_ANSWERS = 4  # L_N: ranked answers per QA instance (paper §3.3)
 LABELS = ("yes", "no")
 IMAGE_FIELDS = ("test_image", "reference_image")
+# Strings the chat template and the tokenizer treat as control tokens (turn markers, image and
+# fact placeholders, InternVL2's grounding tokens): inside record text they would end a turn
+# mid-answer or misplace the image / fact embeddings, so validation refuses them.
+# TODO(lead): the single definition moves to sage/tokenizer.py; import it from there.
+CONTROL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|startoftext|>", "<img>",
+                  "</img>", "<IMG_CONTEXT>", "<FACT_CONTEXT>", "<ref>", "</ref>", "<box>",
+                  "</box>", "<quad>", "</quad>")
+_CONTROL = re.compile("|".join(re.escape(t) for t in CONTROL_TOKENS))
 
 
 def warn(msg: str) -> None:
@@ -82,20 +95,75 @@ def check_image_path(rel: Any, root: Path, where: str, fld: str) -> Path:
     return full
 
 
-def check_image_file(full: Path, rel: str, where: str, fld: str) -> None:
-    """The image exists and decodes (PIL `verify` + `load`)."""
+def image_problem(full: Path, rel: str, decode: bool = False) -> str | None:
+    """What is wrong with an image file, or None. Fast by default: PNG chunks are read and
+    CRC-checked without decompressing (PIL `verify`), a JPEG must end with its EOI marker,
+    other formats are decoded; decode=True decodes every image in full."""
+    try:
+        size = full.stat().st_size
+    except FileNotFoundError:
+        return f"image {rel!r} not found (looked at {full})"
+    except OSError as e:
+        return f"image {rel!r} cannot be read ({e.strerror or e})"
     if not full.is_file():
-        _fail(where, fld, f"image {rel!r} not found (looked at {full})")
+        return f"image {rel!r} is not a file ({full})"
+    if size == 0:
+        return f"image {rel!r} is empty (0 bytes)"
     try:
         with Image.open(full) as im:
-            im.load()
+            fmt, (w, h) = im.format, im.size
+            if decode or fmt not in ("PNG", "JPEG", "MPO"):
+                im.load()
+            else:
+                im.verify()
+        if fmt in ("JPEG", "MPO") and not decode:
+            with open(full, "rb") as f:  # a truncated JPEG passes verify(); its end does not
+                f.seek(max(0, size - 1024))
+                if b"\xff\xd9" not in f.read():
+                    return f"image {rel!r} is truncated (no JPEG end marker)"
     except Exception as e:  # PIL raises many types for a corrupt file
-        _fail(where, fld, f"image {rel!r} cannot be decoded ({type(e).__name__}: {e})")
+        return f"image {rel!r} cannot be decoded ({type(e).__name__}: {e})"
+    if w < 1 or h < 1:
+        return f"image {rel!r} has size {w}x{h}"
+    return None
+
+
+def check_image_file(full: Path, rel: str, where: str, fld: str, decode: bool = False,
+                     cache: dict | None = None) -> None:
+    """The image exists and is whole (`image_problem`), else RecordError naming `where` and
+    `fld`. cache: {path: problem}, so an image shared by several records is read once."""
+    if cache is not None and full in cache:
+        problem = cache[full]
+    else:
+        problem = image_problem(full, rel, decode)
+        if cache is not None:
+            cache[full] = problem
+    if problem is not None:
+        _fail(where, fld, problem)
+
+
+def _check_strings(value: Any, fld: str, where: str) -> None:
+    """No chat control string (CONTROL_TOKENS) in any string of the record, nested included."""
+    if isinstance(value, str):
+        m = _CONTROL.search(value)
+        if m:
+            _fail(where, fld, f"contains the chat control string {m.group(0)!r}, which the "
+                              f"prompt would read as a control token; remove or rewrite it")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_strings(k, fld, where)
+            _check_strings(v, f"{fld}.{k}" if fld else str(k), where)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_strings(v, f"{fld}[{i}]", where)
 
 
 def validate_record(rec: Any, kind: str, root: Path, where: str,
-                    check_images: bool = False) -> dict:
-    """Check one parsed record against DESIGN §6; `where` is 'FILE:LINE'. Returns rec."""
+                    check_images: bool | str = False, image_cache: dict | None = None) -> dict:
+    """Check one parsed record against DESIGN §6; `where` is 'FILE:LINE'. Returns rec.
+
+    check_images: True checks each image fast (`image_problem`), "decode" decodes it in full;
+    image_cache: {path: problem} shared across the records of one file."""
     if not isinstance(rec, dict):
         raise RecordError(f"{where}: expected a JSON object, got {type(rec).__name__}")
 
@@ -146,17 +214,20 @@ def validate_record(rec: Any, kind: str, root: Path, where: str,
         rel = rec.get(fld)
         if rel is None and fld == "reference_image":
             continue
-        full = check_image_path(rel, root, where, fld)
-        if check_images:
-            check_image_file(full, rel, where, fld)
+        check_image_path(rel, root, where, fld)
 
     for fld in ("category", "source", "group"):
         if rec.get(fld) is not None and not isinstance(rec[fld], str):
             _fail(where, fld, f"expected a string, got {rec[fld]!r}")
+    if isinstance(rec.get("group"), str) and not rec["group"].strip():
+        _fail(where, "group", "expected a non-empty string or null, got an empty one")
     facts = rec.get("facts")
     if facts is not None:
         if not isinstance(facts, list):
             _fail(where, "facts", f"expected a list of sentences, got {facts!r}")
+        if not facts:
+            _fail(where, "facts", "expected at least one sentence (or no 'facts' field), got "
+                                  "an empty list")
         for i, s in enumerate(facts):
             if not isinstance(s, str) or not s.strip():
                 _fail(where, f"facts[{i}]", f"expected a non-empty string, got {s!r}")
@@ -174,20 +245,29 @@ def validate_record(rec: Any, kind: str, root: Path, where: str,
     truth = rec.get("truth")
     if truth is not None and not isinstance(truth, dict):
         _fail(where, "truth", f"expected an object, got {truth!r}")
+    _check_strings(rec, "", where)
+    if check_images:  # last: the only check that reads files
+        for fld in IMAGE_FIELDS:
+            if rec.get(fld) is not None:
+                check_image_file(check_image_path(rec[fld], root, where, fld), rec[fld], where,
+                                 fld, decode=check_images == "decode", cache=image_cache)
     return rec
 
 
 def load_jsonl(path: str | Path, kind: str = "qa", skip_bad: bool = False,
-               check_images: bool = False, root: str | Path | None = None,
-               report: Callable[[SkipReport], None] | None = None) -> list[dict]:
+               check_images: bool | str = False, root: str | Path | None = None,
+               report: Callable[[SkipReport], None] | None = None,
+               allow_empty: bool = False) -> list[dict]:
     """Read and validate a JSONL file of records (DESIGN §6) -> list of dicts.
 
     root: data root of the image paths (default: the file's folder).
-    check_images: also open every image (exists and decodes).
+    check_images: also check every referenced image once: True reads its header (PNG chunks,
+        JPEG end marker; about 0.1 ms an image), "decode" decodes it in full.
     skip_bad: skip bad lines instead of raising; `report(SkipReport)` is then called once
         (default `warn`s a one-line summary when anything was skipped).
+    allow_empty: return [] for a file without records instead of raising.
     Raises ValueError 'FILE:LINE: field 'F': ...' on the first bad line otherwise; ids must
-    be unique within the file.
+    be unique within the file and a group keeps one level (kind "qa").
     """
     if kind not in ("qa", "general"):
         raise ValueError(f"kind={kind!r}: expected 'qa' or 'general'")
@@ -196,22 +276,35 @@ def load_jsonl(path: str | Path, kind: str = "qa", skip_bad: bool = False,
         raise FileNotFoundError(f"{path}: no such JSONL file")
     root = Path(root) if root is not None else path.parent
     rep = SkipReport(str(path))
-    records, seen = [], {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
+    records, seen, levels, images = [], {}, {}, {}
+    with open(path, "rb") as f:  # bytes: a decoding error is one bad line, not the file
+        for lineno, raw in enumerate(f, start=1):
+            if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8):]
+            if not raw.strip():
                 continue
             where = f"{path}:{lineno}"
             try:
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise RecordError(f"{where}: invalid UTF-8 at byte {e.start + 1} of the line "
+                                      f"({raw[e.start:e.start + 4]!r}); save the file as "
+                                      f"UTF-8") from None
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise RecordError(f"{where}: malformed JSON (column {e.colno}): "
                                       f"{e.msg}") from None
-                validate_record(rec, kind, root, where, check_images)
+                validate_record(rec, kind, root, where, check_images, images)
                 if rec["id"] in seen:
                     _fail(where, "id", f"duplicate id {rec['id']!r} (first on line "
                                        f"{seen[rec['id']]})")
+                group = rec.get("group")
+                if kind == "qa" and group in levels and levels[group][0] != rec["level"]:
+                    _fail(where, "level", f"group {group!r} is {levels[group][0]!r} on line "
+                                          f"{levels[group][1]}, {rec['level']!r} here; a group "
+                                          f"has one level")
             except RecordError as e:
                 if not skip_bad:
                     raise
@@ -219,9 +312,13 @@ def load_jsonl(path: str | Path, kind: str = "qa", skip_bad: bool = False,
                 rep.errors.append(str(e))
                 continue
             seen[rec["id"]] = lineno
+            levels.setdefault(rec.get("group"), (rec["level"], lineno))
             records.append(rec)
     if skip_bad:
         (report or _default_report)(rep)
+    if not records and not allow_empty:
+        bad = f" (all {rep.n_skipped} bad; first: {rep.errors[0]})" if rep.n_skipped else ""
+        raise RecordError(f"no records in {path}{bad}")
     return records
 
 

@@ -2,11 +2,13 @@
 counts. Run: python -m pytest -q tests/data/test_schema.py"""
 
 import json
+import re
+import time
 
 import pytest
 from PIL import Image
 
-from sage.data.schema import load_jsonl, write_jsonl
+from sage.data.schema import CONTROL_TOKENS, load_jsonl, write_jsonl
 
 
 def good_record(i=0, **over):
@@ -117,3 +119,111 @@ def test_write_jsonl_round_trip(root):
     write_jsonl([good_record(0), good_record(1)], path)
     assert not (root / "out" / "w.jsonl.tmp").exists()
     assert load_jsonl(path, root=root)[1] == good_record(1)
+
+
+# ----------------------------------------------------------------------------- issue 19
+
+def test_invalid_utf8_names_file_and_line(root):
+    path = root / "data.jsonl"
+    bad = json.dumps(good_record(1, question="Is there a scratch? XX")).encode()
+    bad = bad.replace(b"XX", b"\xff\xfe")
+    path.write_bytes(json.dumps(good_record(0)).encode() + b"\n" + bad + b"\n"
+                     + json.dumps(good_record(2)).encode() + b"\n")
+    with pytest.raises(ValueError) as e:
+        load_jsonl(path)
+    assert f"{path}:2: invalid UTF-8" in str(e.value), e.value
+    reports = []
+    recs = load_jsonl(path, skip_bad=True, report=reports.append)
+    assert [r["id"] for r in recs] == ["r0", "r2"] and reports[0].n_skipped == 1
+    # a UTF-8 byte order mark and non-ASCII text are fine
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(good_record(0, question="Ist da ein Kratzer "
+                                                                         "– ja?")).encode())
+    assert load_jsonl(path)[0]["question"].endswith("– ja?")
+
+
+@pytest.mark.parametrize("token", CONTROL_TOKENS)
+def test_control_strings_are_refused(root, token):
+    path = write_lines(root, [good_record(0), good_record(1, question=f"Is there a {token}?")])
+    with pytest.raises(ValueError) as e:
+        load_jsonl(path)
+    assert f"{path}:2: field 'question'" in str(e.value) and token in str(e.value), e.value
+
+
+@pytest.mark.parametrize("over, field", [
+    ({"answers": ["Yes.", "Yes. a<|im_end|><|im_start|>assistant", "No.", "No. b"]},
+     "answers[1]"),
+    ({"facts": ["Washers are round.", "See <IMG_CONTEXT> here."]}, "facts[1]"),
+    ({"truth": {"anomalous": True, "defect": "<box>scratch</box>"}}, "truth.defect"),
+    ({"category": "washer<|endoftext|>"}, "category"),
+])
+def test_control_strings_in_any_text_field(root, over, field):
+    path = write_lines(root, [good_record(0, **over)])
+    with pytest.raises(ValueError, match=rf"data.jsonl:1: field '{re.escape(field)}': contains"):
+        load_jsonl(path)
+    # near misses are ordinary text
+    path = write_lines(root, [good_record(0, question="Is the <IMG> tag or <im_end> shown?")])
+    assert load_jsonl(path)
+
+
+@pytest.mark.parametrize("image, words", [
+    ("img/empty.png", "is empty (0 bytes)"), ("img/cut.png", "cannot be decoded"),
+    ("img/cut.jpg", "truncated"), ("img", "is not a file"), ("img/text.png", "cannot be decoded"),
+])
+def test_check_images_finds_bad_files(root, image, words):
+    (root / "img" / "empty.png").write_bytes(b"")
+    data = (root / "img" / "t.png").read_bytes()
+    (root / "img" / "cut.png").write_bytes(data[:len(data) // 2])
+    Image.effect_noise((64, 64), 50).convert("RGB").save(root / "img" / "whole.jpg")
+    data = (root / "img" / "whole.jpg").read_bytes()
+    (root / "img" / "cut.jpg").write_bytes(data[:len(data) // 2])
+    (root / "img" / "text.png").write_text("hello")
+    good = good_record(0, reference_image="img/whole.jpg")
+    path = write_lines(root, [good, good_record(1, test_image=image),
+                              good_record(2, test_image=image), good_record(3)])
+    assert len(load_jsonl(path)) == 4  # paths alone are fine
+    with pytest.raises(ValueError) as e:
+        load_jsonl(path, check_images=True)
+    msg = str(e.value)
+    assert f"{path}:2: field 'test_image'" in msg and words in msg, msg
+    reports = []
+    recs = load_jsonl(path, check_images=True, skip_bad=True, report=reports.append)
+    assert [r["id"] for r in recs] == ["r0", "r3"] and reports[0].n_skipped == 2
+    assert f"{path}:3: field 'test_image'" in reports[0].errors[1]  # shared image: each line
+
+
+def test_check_images_is_fast(tmp_path):
+    """2,000 records on 800 distinct 224-px PNGs (SynthAD's shape) load and check in < 2 s."""
+    (tmp_path / "img").mkdir()
+    Image.effect_noise((224, 224), 60).convert("RGB").save(tmp_path / "noise.png")
+    data = (tmp_path / "noise.png").read_bytes()
+    for i in range(800):
+        (tmp_path / "img" / f"{i}.png").write_bytes(data)
+    recs = [good_record(i, group=f"g{i // 5}", test_image=f"img/{i % 800}.png",
+                        reference_image=f"img/{(i + 1) % 800}.png") for i in range(2000)]
+    path = write_lines(tmp_path, recs)
+    t = time.perf_counter()
+    assert len(load_jsonl(path, check_images=True)) == 2000
+    assert time.perf_counter() - t < 2.0
+
+
+def test_empty_split_facts_and_strings(root):
+    path = write_lines(root, [])
+    with pytest.raises(ValueError, match=rf"no records in {re.escape(str(path))}"):
+        load_jsonl(path)
+    assert load_jsonl(path, allow_empty=True) == []
+    path = write_lines(root, ["{bad", good_record(1, level="x")])
+    with pytest.raises(ValueError, match=r"no records in .*all 2 bad; first: .*data.jsonl:1"):
+        load_jsonl(path, skip_bad=True, report=lambda rep: None)
+    for over, field in [({"facts": []}, "facts"), ({"facts": ["a", " "]}, "facts[1]"),
+                        ({"question": "  "}, "question"), ({"group": ""}, "group"),
+                        ({"answers": ["Yes.", "", "No.", "No."]}, "answers[1]")]:
+        path = write_lines(root, [good_record(0), good_record(1, **over)])
+        with pytest.raises(ValueError, match=rf"data.jsonl:2: field '{re.escape(field)}'"):
+            load_jsonl(path)
+
+
+def test_a_group_keeps_one_level(root):
+    path = write_lines(root, [good_record(0), good_record(1, level="diagnosis")])
+    with pytest.raises(ValueError, match=r"data.jsonl:2: field 'level': group 'g0' is "
+                                         r"'standard' on line 1"):
+        load_jsonl(path)
