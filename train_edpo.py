@@ -6,9 +6,9 @@ sub-scores give S_i (Eq. 3), the answer entropies H_i (Eq. 4) and two pairs (Eq.
 extreme pair (a_1, a_L) with dH_max and the adjacent pair (a_i^, a_i^+1) with dH_min. Chosen
 and rejected answers go through one forward; the loss is Eq. 6-7 averaged over all pairs.
 
-    python -m sage.mle score --data data/synthad/edpo_train.jsonl --judge oracle --in-place
+    python -m sage.tools.mle --data data/synthad/edpo_train.jsonl --judge oracle --in_place
     python train_edpo.py                                  # tiny default, from runs/sfe/export
-    torchrun --nproc_per_node=8 train_edpo.py --init runs/sfe40b/export --data data/adpl \
+    torchrun --nproc_per_node=8 train_edpo.py --init runs/sfe40b/export --data data/adpl \\
         --split visa_train --ref_cache runs/edpo40b/ref_logps.json --activation_checkpointing
     python train_edpo.py --loss dpo                       # ablation: eta = 0, extreme pair only
 
@@ -18,7 +18,7 @@ demand a larger reward margin on clearly separable pairs (dH_max) than on subtle
 small against the beta-scaled margins the policy learns.
 """
 
-import argparse
+import dataclasses
 import itertools
 import json
 import os
@@ -29,20 +29,22 @@ import torch
 
 from sage.config import SageConfig
 from sage.data import EDPOCollator, EDPODataset, ResumableDistributedSampler, load_jsonl
-from sage.distributed import all_reduce_sum, cleanup, gather_objects, init_distributed, print0
+from sage.distributed import (all_reduce_sum, build_model, build_optimizer, cleanup,
+                              gather_objects, init_distributed, print0)
+from sage.inference import to_device
 from sage.losses import answer_logprobs, dpo_rewards, edpo_loss
+from sage.runs import check_run_dir, export_model, resume, save_checkpoint
 from sage.tokenizer import Tokenizer
-from sage.training import (MetricsLog, accumulation_steps, add_optim_args, add_runtime_args,
-                           build_model, build_optimizer, check_finite, check_run_dir, eta,
-                           export_model, grad_norm_and_clip, lr_at, resolve_recipe, resume,
-                           save_checkpoint, seed_everything, status_line, to_device)
+from sage.tools.args import Parser, add_optim_args, add_runtime_args
+from sage.training import (MetricsLog, accumulation_steps, check_finite, eta, grad_norm_and_clip,
+                           lr_at, resolve_recipe, seed_everything, status_line)
 
 # ----------------------------------------------------------------------------- arguments
-p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+p = Parser(description=__doc__)
 # model
 p.add_argument("--init", default="runs/sfe/export", help="SFE export: policy and reference")
 p.add_argument("--facts", choices=["fe", "hard", "none"], default=None,
-               help="facts mode (default: the one the SFE export was trained with)")
+               help="facts mode (None: the one the SFE export was trained with)")
 # data
 p.add_argument("--data", default="data/synthad", help="data root holding the JSONL splits")
 p.add_argument("--split", default="edpo_train", help="JSONL split with 4 ranked answers + mle")
@@ -68,6 +70,12 @@ RECIPES = {"paper": dict(lr=2e-6, warmup=100, max_steps=2000),
            "tiny": dict(lr=5e-5, warmup=10, max_steps=60)}
 eta_value = 0.0 if args.loss == "dpo" else args.eta
 pairs = "extreme" if args.loss == "dpo" else "both"
+# The config is built once: --init's, with --facts replacing facts_mode (checked by __post_init__)
+try:
+    cfg = SageConfig.from_pretrained(args.init)
+    cfg = dataclasses.replace(cfg, facts_mode=args.facts or cfg.facts_mode)
+except (ValueError, KeyError, FileNotFoundError) as e:
+    p.error(str(e))
 
 # ----------------------------------------------------------------------------- distributed, seeds
 dist = init_distributed(args.device)
@@ -77,8 +85,6 @@ check_run_dir(run_dir, args.resume)
 run_dir.mkdir(parents=True, exist_ok=True)
 
 # ----------------------------------------------------------------------------- model
-cfg = SageConfig.from_pretrained(args.init)
-cfg.facts_mode = args.facts or cfg.facts_mode
 tokenizer = Tokenizer.from_pretrained(args.init)
 lr, warmup, max_steps = resolve_recipe(args, cfg, RECIPES)
 print0(f"config: {json.dumps(cfg.to_dict())}")

@@ -1,18 +1,18 @@
 """Stage 1: Self-Guided Fact Enhancement (SFE) fine-tuning (paper §3.2, §3.4; DESIGN §2).
 
 Trains the adapter, the fusion attention (Eq. 2) with its projection head (Eq. 9) and the LLM
-on the answer tokens only (Eq. 8); InternViT stays frozen and runs without autograd. Also
-trains the tiny base VLM from scratch (`--stage pretrain`: captions and general questions,
-no anomaly QA) and runs the Table 3 ablations (`--facts hard|none`).
+on the answer tokens only (Eq. 8); InternViT stays frozen and runs without autograd. Also runs
+the Table 3 ablations (`--facts hard|none`) and the Fig. 7 sweep (`--n_facts`, `--top_k`).
+The tiny base VLM itself is trained by `python -m sage.tools.pretrain`; the per-rank memory
+plan is printed by `python -m sage.tools.plan`.
 
     python train_sfe.py                                   # tiny default on SynthAD, CPU
     torchrun --nproc_per_node=2 train_sfe.py              # same, 2 gloo processes
-    torchrun --nproc_per_node=8 train_sfe.py --init weights/InternVL2-40B \
+    torchrun --nproc_per_node=8 train_sfe.py --init weights/InternVL2-40B \\
         --data data/adpl --split mvtec_train --activation_checkpointing   # real model, 8xA100
-    python train_sfe.py --plan --preset internvl2-40b --plan_world 8 --plan_gpu_gib 80
 """
 
-import argparse
+import dataclasses
 import itertools
 import json
 import time
@@ -20,38 +20,30 @@ from pathlib import Path
 
 import torch
 
-from sage.checkpoint import INTERNVIT_KEY_MAP, load_into
 from sage.config import SageConfig
-from sage.data import Collator, GeneralDataset, ResumableDistributedSampler, SFEDataset, load_jsonl
-from sage.distributed import all_reduce_sum, cleanup, init_distributed, print0
-from sage.plan import format_plan, plan_memory
+from sage.data import Collator, ResumableDistributedSampler, SFEDataset, load_jsonl
+from sage.distributed import (all_reduce_sum, build_model, build_optimizer, cleanup,
+                              init_distributed, print0)
+from sage.inference import to_device
+from sage.runs import check_run_dir, export_model, resume, save_checkpoint
 from sage.tokenizer import Tokenizer
-from sage.training import (MetricsLog, accumulation_steps, add_optim_args, add_runtime_args,
-                           build_model, build_optimizer, check_finite, check_run_dir, eta,
-                           export_model, flops_per_token, grad_norm_and_clip, lr_at,
-                           resolve_recipe, resume, save_checkpoint, seed_everything, status_line,
-                           to_device)
+from sage.tools.args import Parser, add_optim_args, add_runtime_args
+from sage.training import (MetricsLog, accumulation_steps, check_finite, eta, flops_per_token,
+                           grad_norm_and_clip, lr_at, resolve_recipe, seed_everything,
+                           status_line)
 
 # ----------------------------------------------------------------------------- arguments
-p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+p = Parser(description=__doc__)
 # model
 p.add_argument("--init", default="weights/sage-tiny-base",
-               help="InternVL2-layout directory to start from (default: the tiny base VLM)")
-p.add_argument("--stage", choices=["sfe", "pretrain"], default="sfe",
-               help="sfe: Stage 1 on anomaly QA; pretrain: fresh tiny VLM on general data")
-p.add_argument("--preset", default="tiny", help="config preset for --stage pretrain / --plan")
-p.add_argument("--tokenizer", default=None,
-               help="directory with tokenizer.model for --stage pretrain (default: --data)")
-p.add_argument("--vision", default=None,
-               help="--stage pretrain: InternViT directory (HF layout) to build on, e.g. from "
-                    "`python -m sage.perception`; it stays frozen (default: random)")
+               help="InternVL2-layout directory to start from (the tiny base VLM)")
 p.add_argument("--facts", choices=["fe", "hard", "none"], default="fe",
-               help="fe: fusion attention (default); hard: facts as text; none: plain SFT")
-p.add_argument("--n_facts", type=int, default=None, help="N fact tokens (Eq. 2); default: config")
-p.add_argument("--top_k", type=int, default=None, help="K selected patches (Eq. 1); default: config")
+               help="fe: fusion attention; hard: facts as text; none: plain SFT")
+p.add_argument("--n_facts", type=int, default=None, help="N fact tokens (Eq. 2); None: --init's")
+p.add_argument("--top_k", type=int, default=None, help="K selected patches (Eq. 1); None: --init's")
 # data
 p.add_argument("--data", default="data/synthad", help="data root holding the JSONL splits")
-p.add_argument("--split", default=None, help="JSONL split (default sfe_train / pretrain)")
+p.add_argument("--split", default="sfe_train", help="JSONL split")
 p.add_argument("--setting", choices=["one-shot", "zero-shot", "mixed"], default="mixed",
                help="reference given (one-shot), not (zero-shot), or alternating micro-batches")
 p.add_argument("--max_len", type=int, default=None, help="truncate sequences (tokens)")
@@ -59,37 +51,18 @@ p.add_argument("--max_len", type=int, default=None, help="truncate sequences (to
 add_optim_args(p)
 # runtime
 add_runtime_args(p, out="runs/sfe")
-p.add_argument("--plan", action="store_true", help="print the per-rank memory plan and exit")
-p.add_argument("--plan_world", type=int, default=8, help="--plan: number of ranks")
-p.add_argument("--plan_gpu_gib", type=float, default=80.0, help="--plan: GPU memory (GiB)")
-p.add_argument("--plan_seq_len", type=int, default=2048, help="--plan: tokens per sample")
 args = p.parse_args()
-if args.vision and args.stage != "pretrain":
-    p.error("--vision only applies to --stage pretrain (sfe starts from --init, tower included)")
 
 RECIPES = {"paper": dict(lr=2e-6, warmup=1000, max_steps=5000),
            "tiny": dict(lr=1e-3, warmup=30, max_steps=300)}
-
-# ----------------------------------------------------------------------------- memory plan
-if args.plan:
-    cfg = SageConfig.preset(args.preset)
-    accum = accumulation_steps(args.global_batch, args.plan_world, 1)  # micro-batch 1
-    for ac in (False, True):
-        plan = plan_memory(cfg, world=args.plan_world, gpu_gib=args.plan_gpu_gib,
-                           micro_batch=1, seq_len=args.plan_seq_len, stage="sfe",
-                           activation_checkpointing=ac, cpu_offload=args.cpu_offload,
-                           accumulation=accum)
-        print(format_plan(plan, f"{args.preset} SFE, {args.plan_world} ranks x "
-                                f"{args.plan_gpu_gib:g} GiB, micro-batch 1 x {accum} "
-                                f"accumulation, {args.plan_seq_len} tokens, activation "
-                                f"checkpointing {ac}"))
-    for ref_cache in (False, True):
-        plan = plan_memory(cfg, world=args.plan_world, gpu_gib=args.plan_gpu_gib, micro_batch=1,
-                           seq_len=args.plan_seq_len, stage="edpo", ref_cache=ref_cache,
-                           cpu_offload=args.cpu_offload, accumulation=accum)
-        print(format_plan(plan, f"{args.preset} E-DPO (chosen + rejected), checkpointing, "
-                                f"reference log-probs {'cached' if ref_cache else 'in memory'}"))
-    raise SystemExit(0)
+# The config is built once: the flags replace fields of --init's config, and
+# SageConfig.__post_init__ checks them (e.g. --top_k beyond the image tokens) before any work.
+overrides = {"n_facts": args.n_facts, "top_k": args.top_k}
+try:
+    cfg = dataclasses.replace(SageConfig.from_pretrained(args.init), facts_mode=args.facts,
+                              **{k: v for k, v in overrides.items() if v is not None})
+except (ValueError, KeyError, FileNotFoundError) as e:
+    p.error(str(e))
 
 # ----------------------------------------------------------------------------- distributed, seeds
 dist = init_distributed(args.device)
@@ -99,44 +72,25 @@ check_run_dir(run_dir, args.resume)
 run_dir.mkdir(parents=True, exist_ok=True)
 
 # ----------------------------------------------------------------------------- model
-if args.stage == "pretrain":
-    cfg = SageConfig.preset(args.preset)
-    tokenizer = Tokenizer.from_pretrained(args.tokenizer or args.data)
-    cfg.llm.vocab_size = tokenizer.vocab_size  # the table grows with the trained tokenizer
-    init_dir, facts_mode = None, "none"
-else:
-    cfg = SageConfig.from_pretrained(args.init)
-    tokenizer = Tokenizer.from_pretrained(args.init)
-    init_dir, facts_mode = args.init, args.facts
-cfg.facts_mode = facts_mode
-cfg.n_facts = args.n_facts or cfg.n_facts
-cfg.top_k = args.top_k or cfg.top_k
+tokenizer = Tokenizer.from_pretrained(args.init)
 lr, warmup, max_steps = resolve_recipe(args, cfg, RECIPES)
 print0(f"config: {json.dumps(cfg.to_dict())}")
 print0(f"lr {lr:g}, warmup {warmup}, steps {max_steps}")
 (run_dir / "config.json").write_text(json.dumps({"model": cfg.to_dict(), "args": vars(args)},
                                                 indent=2))
 
-model = build_model(cfg, dist, init_dir, stage="pretrain" if args.stage == "pretrain" else "sfe",
+model = build_model(cfg, dist, args.init, stage="sfe",
                     activation_checkpointing=args.activation_checkpointing,
                     cpu_offload=args.cpu_offload)
 model.tokenizer = tokenizer
-if args.vision:  # a perceiving tower under the fresh VLM (the tiny stand-in for InternViT-6B)
-    report = load_into(model.vision, args.vision, INTERNVIT_KEY_MAP)
-    print0(f"loaded {args.vision}: {report}")
 optimizer = build_optimizer(model, lr, args.weight_decay, dist.device)
 
 # ----------------------------------------------------------------------------- data
-split = args.split or ("pretrain" if args.stage == "pretrain" else "sfe_train")
-data_file = Path(args.data) / f"{split}.jsonl"
-if args.stage == "pretrain":
-    records = load_jsonl(data_file, kind="general")
-    datasets = {"zero-shot": GeneralDataset(records, args.data, cfg)}
-else:
-    records = load_jsonl(data_file, kind="qa")
-    settings = ["one-shot", "zero-shot"] if args.setting == "mixed" else [args.setting]
-    datasets = {s: SFEDataset(records, args.data, cfg, setting=s) for s in settings}
-collate = Collator(tokenizer, cfg, facts_mode=facts_mode, max_len=args.max_len)
+data_file = Path(args.data) / f"{args.split}.jsonl"
+records = load_jsonl(data_file, kind="qa")
+settings = ["one-shot", "zero-shot"] if args.setting == "mixed" else [args.setting]
+datasets = {s: SFEDataset(records, args.data, cfg, setting=s) for s in settings}
+collate = Collator(tokenizer, cfg, facts_mode=cfg.facts_mode, max_len=args.max_len)
 accum = accumulation_steps(args.global_batch, dist.world_size, args.micro_batch)
 sampler = ResumableDistributedSampler(len(records), dist.rank, dist.world_size, seed=args.seed)
 print0(f"data: {len(records)} records from {data_file}; global batch {args.global_batch} = "
@@ -156,7 +110,7 @@ while step < max_steps:
     # -- one optimiser step: micro-batches, loss / n_answer_tokens_global, backward
     for group in optimizer.param_groups:
         group["lr"] = lr_at(step, lr, warmup, max_steps)
-    setting = list(datasets)[step % len(datasets)]  # "mixed" alternates the setting per step
+    setting = settings[step % len(settings)]  # "mixed" alternates the setting per step
     batches = []
     for _ in range(accum):
         idx = [next(stream) for _ in range(args.micro_batch)]

@@ -1,10 +1,12 @@
-"""Distributed plumbing: process group, FSDP2 recipe, rank-0 printing (STYLE §7).
+"""Distributed plumbing: process group, collectives, rank-0 printing and the FSDP2 recipe
+(which parameters train, how the model is sharded, built and optimised; STYLE §7).
 
 Every script calls the same functions at any world size: under `torchrun` the process group
 comes from the environment (NCCL on CUDA, gloo on CPU); a plain `python script.py` gets a
 one-rank group on an in-memory store, so FSDP2 and the collectives below take one code path.
 
-    dist = init_distributed(); shard_model(model, dist); print0("hello"); cleanup()
+    dist = init_distributed(); model = build_model(cfg, dist, "weights/x", stage="sfe")
+    optimizer = build_optimizer(model, lr, weight_decay, dist.device); print0("hi"); cleanup()
 """
 
 from __future__ import annotations
@@ -15,6 +17,20 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as td
 import torch.nn as nn
+
+from sage.checkpoint import load_into
+from sage.config import SageConfig
+from sage.models.sage import SageModel
+from sage.names import INTERNVL_KEY_MAP
+
+# Trainable groups (DESIGN §2): InternViT is frozen in every stage.
+TRAINABLE = {
+    "pretrain": ("adapter.", "llm."),
+    "sfe": ("adapter.", "fusion.", "fact_proj.", "llm."),
+    "edpo": ("adapter.", "llm."),
+    "frozen": (),  # the E-DPO reference model
+}
+NEW_MODULES = ("fusion.", "fact_proj.")  # SAGE's own keys: absent from a plain InternVL2 dir
 
 
 @dataclass
@@ -94,15 +110,41 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
-def shard_model(model: nn.Module, device: torch.device, bf16: bool | None = None,
+def set_trainable(model: nn.Module, prefixes: tuple[str, ...]) -> tuple[int, int]:
+    """requires_grad = True exactly for parameters under `prefixes`; -> (trainable, frozen)
+    parameter counts."""
+    n_train = n_frozen = 0
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith(prefixes))
+        n_train += p.numel() if p.requires_grad else 0
+        n_frozen += 0 if p.requires_grad else p.numel()
+    return n_train, n_frozen
+
+
+def trainable_params(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def fsdp_units(model: SageModel) -> list[nn.Module | list[nn.Module]]:
+    """The FSDP2 units below the root, in the order shard_model wraps them (a list is one unit).
+
+    The ViT embeddings alone (frozen units stay apart from trainable ones), each InternViT
+    block (6B parameters are too many to gather as one unit), each LLM block, the token
+    embeddings, and the final norm + LM head together (both needed at the end of the forward).
+    The root unit (adapter, fusion, head) is the model itself.
+    """
+    return [model.vision.embeddings, *model.vision.encoder.layers, *model.llm.layers,
+            model.llm.embed_tokens, [model.llm.norm, model.llm.lm_head]]
+
+
+def shard_model(model: SageModel, device: torch.device, bf16: bool | None = None,
                 activation_checkpointing: bool = False, cpu_offload: bool = False) -> nn.Module:
     """FSDP2 recipe (DESIGN §2, STYLE §7) for a SageModel built on the meta device.
 
-    fully_shard each InternViT block (6B parameters are too many to gather as one unit), each
-    LLM block, the token embeddings, the final norm + LM head together, then the root (adapter,
-    fusion, head, ViT embeddings). bf16 parameters with fp32 gradient reduction on CUDA; on CPU
-    everything stays fp32 (bf16 brings no speed there). Set requires_grad before calling.
-    cpu_offload keeps sharded parameters, gradients and optimizer state in host memory.
+    fully_shard every unit of `fsdp_units`, then the root. bf16 parameters with fp32 gradient
+    reduction on CUDA; on CPU everything stays fp32 (bf16 brings no speed there). Set
+    requires_grad before calling. cpu_offload keeps sharded parameters, gradients and optimizer
+    state in host memory.
     """
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
@@ -116,13 +158,42 @@ def shard_model(model: nn.Module, device: torch.device, bf16: bool | None = None
     model.llm.grad_checkpointing = activation_checkpointing
     if bf16:  # the frozen InternViT is kept in bf16 (no fp32 master copy is needed)
         model.vision.to(torch.bfloat16)
-    fully_shard(model.vision.embeddings, **kw)  # frozen units stay apart from trainable ones
-    for block in model.vision.encoder.layers:
-        fully_shard(block, **kw)
-    for block in model.llm.layers:
-        fully_shard(block, **kw)
-    fully_shard(model.llm.embed_tokens, **kw)
-    # norm + lm_head as one unit: both are needed together at the end of the forward
-    fully_shard([model.llm.norm, model.llm.lm_head], reshard_after_forward=False, **kw)
+    for unit in fsdp_units(model):
+        # norm + lm_head (the list) run last in the forward, first in the backward: stay gathered
+        fully_shard(unit, **kw, **({"reshard_after_forward": False} if isinstance(unit, list)
+                                   else {}))
     fully_shard(model, **kw)
     return model
+
+
+def build_model(cfg: SageConfig, dist: DistInfo, init_dir: str | None, stage: str,
+                activation_checkpointing: bool = False, cpu_offload: bool = False,
+                bf16: bool | None = None) -> SageModel:
+    """Meta build -> freeze -> FSDP2 shard -> materialise -> fill this rank's shards.
+
+    init_dir None: fresh weights (sage.tools.pretrain). Otherwise an InternVL2-layout
+    directory; SAGE's fusion/head keys may be absent (a plain InternVL2 checkpoint) and are
+    then initialised fresh and reported.
+    """
+    with torch.device("meta"):
+        model = SageModel(cfg)
+    set_trainable(model, TRAINABLE[stage])
+    shard_model(model, dist.device, bf16=bf16, activation_checkpointing=activation_checkpointing,
+                cpu_offload=cpu_offload)
+    model.to_empty(device=dist.device)
+    with torch.no_grad():
+        model.init_weights()
+    if init_dir is not None:
+        report = load_into(model, init_dir, INTERNVL_KEY_MAP, strict=True, new_ok=NEW_MODULES)
+        print0(f"loaded {init_dir}: {report}")
+    return model
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, device: torch.device):
+    """AdamW over trainable parameters only (fused on CUDA); no decay on norms and biases."""
+    decay, no_decay = [], []
+    for p in trainable_params(model):
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device.type == "cuda")

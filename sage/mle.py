@@ -14,15 +14,14 @@ A judge scores one candidate answer to a question against the expert reference a
   JSONL cache keyed by sha256(model, messages), so an interrupted run resumes without asking
   anything twice. The API key is never logged or written.
 
-`score_records` fills each record's `mle` field ([[t, l, g]] x L, DESIGN §6); the CLI:
+`score_records` fills each record's `mle` field ([[t, l, g]] x L, DESIGN §6); the command
+line is `python -m sage.tools.mle`.
 
-    python -m sage.mle score --data train.jsonl --judge oracle --out train.mle.jsonl
-    OPENAI_API_KEY=... python -m sage.mle score --data visa.jsonl --judge openai --workers 8
+    rep = score_records(records, OracleJudge())
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -357,77 +356,3 @@ def score_records(records: list[dict], judge: Judge, workers: int = 8, rescore: 
         if all(isinstance(res, MLEResult) for res in row):
             rec["mle"] = [res.as_list() for res in row]
     return rep
-
-
-# ----------------------------------------------------------------------------- CLI
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m sage.mle score ...`; returns the exit status (1 if any answer failed)."""
-    ap = argparse.ArgumentParser(prog="python -m sage.mle", description=__doc__.split("\n")[0])
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    sc = sub.add_parser("score", help="fill the `mle` field of every record of a JSONL file")
-    # data
-    sc.add_argument("--data", required=True, help="input JSONL (DESIGN §6, kind qa)")
-    sc.add_argument("--out", default=None, help="output JSONL (default: DATA stem + .mle.jsonl)")
-    sc.add_argument("--in_place", "--in-place", action="store_true",
-                    help="replace the input file (atomically) instead of writing --out")
-    sc.add_argument("--rescore", action=argparse.BooleanOptionalAction, default=False,
-                    help="score records that already have `mle` too")
-    # judge
-    sc.add_argument("--judge", required=True, choices=("openai", "oracle"), help="which judge")
-    sc.add_argument("--model", default="gpt-4o", help="openai: judge model name")
-    sc.add_argument("--base_url", "--base-url", default=None,
-                    help="openai: endpoint (default: OPENAI_BASE_URL, else api.openai.com); "
-                         "the key comes only from OPENAI_API_KEY, never from a flag")
-    sc.add_argument("--cache", default=None,
-                    help="openai: JSONL cache of scores (default: DATA stem + .mle_cache.jsonl)")
-    sc.add_argument("--workers", type=int, default=8, help="concurrent judge requests")
-    sc.add_argument("--max_retries", "--max-retries", type=int, default=5,
-                    help="openai: client retries with backoff on 429 / 5xx / timeouts")
-    sc.add_argument("--timeout", type=float, default=60.0, help="openai: seconds per request")
-    sc.add_argument("--parse_retries", "--parse-retries", type=int, default=2,
-                    help="openai: re-asks after an unusable reply before recording a failure")
-    sc.add_argument("--json_mode", "--json-mode", action=argparse.BooleanOptionalAction,
-                    default=False, help="openai: request response_format json_object")
-    args = ap.parse_args(argv)
-
-    from sage.data.schema import load_jsonl, write_jsonl
-
-    data = Path(args.data)
-    stem = data.with_suffix("") if data.suffix == ".jsonl" else data
-    if args.in_place:
-        if args.out is not None:
-            ap.error("--in-place and --out exclude each other")
-        out = data
-    else:
-        out = Path(args.out) if args.out else Path(f"{stem}.mle.jsonl")
-        if out.resolve() == data.resolve():
-            ap.error(f"--out {out} is the input file; pass --in-place to replace it")
-    records = load_jsonl(data, kind="qa")
-    if args.judge == "oracle":
-        judge: Judge = OracleJudge()
-    else:
-        judge = OpenAIJudge(model=args.model, base_url=args.base_url,
-                            cache=args.cache or f"{stem}.mle_cache.jsonl",
-                            max_retries=args.max_retries, timeout=args.timeout,
-                            parse_retries=args.parse_retries, json_mode=args.json_mode)
-        print(f"judge {args.model} at {judge.base_url or 'api.openai.com'}, "
-              f"cache {judge.cache.path}, {args.workers} workers")
-
-    def progress(done: int, total: int) -> None:
-        if done % 100 == 0 or done == total:
-            print(f"  {done}/{total} answers", file=sys.stderr, flush=True)
-
-    rep = score_records(records, judge, workers=args.workers, rescore=args.rescore,
-                        progress=progress)
-    write_jsonl(records, out)
-    print(f"{len(records)} records -> {out}: scored {rep.n_judged + rep.n_cached} answers "
-          f"(judged {rep.n_judged}, cached {rep.n_cached}), failed {rep.n_failed}, "
-          f"kept {rep.n_kept} records already scored")
-    for rid, i, why in rep.failures:
-        print(f"  failed: record {rid} answer {i}: {why}")
-    return 1 if rep.n_failed else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

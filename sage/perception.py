@@ -16,24 +16,22 @@ The heads are linear on the last block's patch tokens (`select_layer = -1`, what
 reads), so the tower must make marks linearly visible in the features the base VLM sees.
 Nothing here knows about anomalies, references or questions.
 
-    python -m sage.perception --out runs/vit       # 6,000 renders, 2,400 steps: ~15 min on 2 cores
-    python train_sfe.py --stage pretrain --vision runs/vit ...            # base VLM on top
+    python -m sage.tools.perception --out runs/vit   # 6,000 renders, 2,400 steps: ~15 min, 2 cores
+    python -m sage.tools.pretrain --vision runs/vit ...                 # base VLM on top
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sage.config import SageConfig, VisionConfig
+from sage.config import VisionConfig
 from sage.data.images import to_tensor
 from sage.data.synthad import CATEGORIES, REGIONS, render
 from sage.diagnose import auroc
@@ -178,37 +176,3 @@ def pretrain(vit: InternViT, train: dict, steps: int, lr: float = 1e-3, batch: i
             print(json.dumps(row), flush=True)
     vit.eval()
     return log
-
-
-def main(argv: list[str] | None = None) -> None:
-    from sage.checkpoint import save_pretrained
-
-    p = argparse.ArgumentParser(description="Perception pretraining of the tiny InternViT.")
-    p.add_argument("--preset", default="tiny", help="SageConfig preset whose vision tower to train")
-    p.add_argument("--out", required=True, help="output InternViT directory (HF layout)")
-    p.add_argument("--renders", type=int, default=6000, help="training shots rendered up front")
-    p.add_argument("--held_out", type=int, default=400, help="held-out shots for the figures")
-    p.add_argument("--steps", type=int, default=2400, help="optimiser steps")
-    p.add_argument("--batch", type=int, default=32, help="shots per step")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
-    p.add_argument("--seed", type=int, default=0, help="render and init seed")
-    args = p.parse_args(argv)
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        raise SystemExit(f"{out}: exists and is not empty; choose another --out")
-    cfg = SageConfig.preset(args.preset).vision
-    torch.manual_seed(args.seed)
-    vit = InternViT(cfg)
-    vit.init_weights()
-    t0 = time.time()
-    train = make_pool(args.renders, cfg, seed=args.seed)
-    held_out = make_pool(args.held_out, cfg, seed=args.seed + 10_000)
-    print(f"rendered {args.renders} + {args.held_out} shots in {time.time() - t0:.0f} s")
-    log = pretrain(vit, train, args.steps, args.lr, args.batch, held_out, seed=args.seed)
-    save_pretrained(vit, out, layout="internvit")
-    (out / "perception.json").write_text(json.dumps({"args": vars(args), "log": log}, indent=2))
-    print(f"saved {out} ({time.time() - t0:.0f} s)")
-
-
-if __name__ == "__main__":
-    main()

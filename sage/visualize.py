@@ -3,6 +3,8 @@ patches outlined, and a heat map of 1 - s_i (how unlike the reference each test 
 Pillow only.
 
     visualize_selection(model, example, "test.png", "ref.png", "out/selection.png")
+
+From the command line: `python -m sage.tools.visualize --model DIR --data DIR`.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from sage.data.synthad import generate
-from sage.diagnose import answer_token_losses, main, swap_images
+from sage.diagnose import answer_token_losses, swap_images
+from sage.tools.diagnose import main
 from sage.losses import IGNORE_INDEX, answer_logprobs
 
 BASE = Path(__file__).resolve().parents[1] / "weights" / "sage-tiny-base"

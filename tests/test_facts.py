@@ -13,7 +13,8 @@ from PIL import Image
 from sage.config import LLMConfig, SageConfig, VisionConfig
 from sage.data.prompts import FACT_PROMPTS
 from sage.data.schema import load_jsonl
-from sage.facts import FactCache, collect_facts, main, model_asker, select_facts, split_sentences
+from sage.facts import FactCache, collect_facts, model_asker, select_facts, split_sentences
+from sage.tools.facts import main
 from sage.tokenizer import Tokenizer
 
 KEY = "sk-test-secret-0123456789"

@@ -10,7 +10,8 @@ import openai  # noqa: F401  imported here so its ~1 s import is not charged to 
 import pytest
 
 from sage.mle import (SYSTEM_PROMPT, JudgeCache, MLEFailure, MLEResult, OpenAIJudge,
-                      build_messages, cache_key, main, parse_reply, score_records)
+                      build_messages, cache_key, parse_reply, score_records)
+from sage.tools.mle import main
 
 KEY = "sk-test-secret-0123456789"
 
@@ -272,7 +273,7 @@ def test_cli_openai_writes_out_and_reports(server, tmp_path, monkeypatch, capsys
     data = tmp_path / "d.jsonl"
     _write(data, [_qa(0), _qa(1)])
     before = data.read_text()
-    argv = ["score", "--data", str(data), "--judge", "openai", "--base-url", srv.url,
+    argv = ["--data", str(data), "--judge", "openai", "--base-url", srv.url,
             "--model", "judge-m", "--workers", "1", "--max-retries", "0"]
     assert main(argv) == 1  # one answer failed -> non-zero
     out = capsys.readouterr().out
@@ -291,7 +292,7 @@ def test_cli_openai_writes_out_and_reports(server, tmp_path, monkeypatch, capsys
     out_file = tmp_path / "d.mle.jsonl"
     (tmp_path / "d.mle_cache.jsonl").unlink()
     _write(out_file, recs)
-    assert main(argv[:2] + [str(out_file)] + argv[3:] + ["--in-place"]) == 0
+    assert main(argv[:1] + [str(out_file)] + argv[2:] + ["--in-place"]) == 0
     assert "judged 4, cached 0), failed 0, kept 1" in capsys.readouterr().out
     assert all("mle" in json.loads(line) for line in out_file.read_text().splitlines())
     # --out equal to the input without --in-place is refused
@@ -304,6 +305,6 @@ def test_cli_oracle(tmp_path, capsys):
     data = tmp_path / "d.jsonl"
     truth = {"anomalous": True, "defect": "scratch", "region": "top-left"}
     _write(data, [_qa(0, truth=truth)])
-    assert main(["score", "--data", str(data), "--judge", "oracle", "--in-place"]) == 0
+    assert main(["--data", str(data), "--judge", "oracle", "--in_place"]) == 0
     rec = json.loads(data.read_text())
     assert len(rec["mle"]) == 4 and all(1 <= s <= 5 for row in rec["mle"] for s in row)

@@ -6,8 +6,9 @@ import torch
 
 from sage.config import VisionConfig
 from sage.models.intern_vit import InternViT
-from sage.perception import (MARKS, PerceptionHeads, evaluate, main, make_pool, patch_labels,
+from sage.perception import (MARKS, PerceptionHeads, evaluate, make_pool, patch_labels,
                              perception_loss, pretrain, render_sample)
+from sage.tools.perception import main
 
 
 def test_patch_labels_by_cover():

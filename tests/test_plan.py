@@ -10,7 +10,7 @@ from sage.plan import GIB, count_params, format_plan, plan_memory
 
 
 def slice_cfg(llm_layers: int = 2, vit_layers: int = 1) -> SageConfig:
-    """The 40B-width slice of `python -m sage.bench.train_step`."""
+    """The 40B-width slice of `python -m sage.tools.bench.train_step`."""
     base = SageConfig.preset("internvl2-40b")
     return dataclasses.replace(
         base, vision=dataclasses.replace(base.vision, n_layers=vit_layers),
@@ -50,7 +50,7 @@ def test_accumulation_keeps_gradients_alive_during_the_forward():
 @pytest.mark.parametrize("micro_batch,ac,measured", [(2, False, 40.17), (2, True, 40.17),
                                                      (4, False, 40.84)])
 def test_plan_within_10_percent_of_the_h200_peaks(micro_batch, ac, measured):
-    # torch.cuda.max_memory_allocated of `python -m sage.bench.train_step` (one rank, bf16
+    # torch.cuda.max_memory_allocated of `python -m sage.tools.bench.train_step` (one rank, bf16
     # FSDP2, AdamW), H200, 2026-11-30; see README, Performance
     p = plan_memory(slice_cfg(), world=1, gpu_gib=139, micro_batch=micro_batch,
                     activation_checkpointing=ac)

@@ -1,6 +1,7 @@
-"""train_sfe.py / train_edpo.py / evaluate.py / quickstart run for a few steps on the tiny
-preset in subprocesses: single process vs 2-process gloo torchrun, exact resume, export round
-trip, NaN stop, E-DPO overfit and reference cache, evaluation end to end.
+"""train_sfe.py / train_edpo.py / evaluate.py / sage.tools.pretrain / sage.tools.quickstart run
+for a few steps on the tiny preset in subprocesses: single process vs 2-process gloo torchrun,
+exact resume, export round trip, NaN stop, flags checked at start, E-DPO overfit and reference
+cache, evaluation end to end.
 Run: python -m pytest -q tests/test_scripts.py   (about a minute or two on 2 cores)"""
 
 import json
@@ -14,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import sage
-from sage.training import latest_checkpoint
+from sage.runs import latest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -44,9 +45,9 @@ def losses(run_dir):
 def synth(tmp_path_factory):
     """A small SynthAD with oracle MLE scores on the E-DPO split."""
     d = tmp_path_factory.mktemp("synthad")
-    run("-m", "sage.data.synthad", "--out", str(d), "--seed", "0", "--scale", "0.03")
-    run("-m", "sage.mle", "score", "--data", str(d / "edpo_train.jsonl"), "--judge", "oracle",
-        "--in-place")
+    run("-m", "sage.tools.synthad", "--out", str(d), "--seed", "0", "--scale", "0.03")
+    run("-m", "sage.tools.mle", "--data", str(d / "edpo_train.jsonl"), "--judge", "oracle",
+        "--in_place")
     return d
 
 
@@ -58,20 +59,20 @@ def base(synth, tmp_path_factory):
     tok_dir = tmp_path_factory.mktemp("tok")
     Tokenizer.train(synth / "corpus.txt", tok_dir, vocab_size=1024)
     out = tmp_path_factory.mktemp("pre")
-    run("train_sfe.py", "--stage", "pretrain", "--data", str(synth), "--tokenizer", str(tok_dir),
+    run("-m", "sage.tools.pretrain", "--data", str(synth), "--tokenizer", str(tok_dir),
         "--out", str(out), "--max_steps", "2", *SMALL)
     return out / "export"
 
 
 def test_pretrain_builds_on_a_given_frozen_internvit(synth, tmp_path):
     from sage.models.intern_vit import InternViT
-    from sage.perception import main as perception_main
+    from sage.tools.perception import main as perception_main
 
     vit_dir = tmp_path / "vit"
     perception_main(["--out", str(vit_dir), "--renders", "4", "--held_out", "2", "--steps", "1",
                      "--batch", "2"])
     out = tmp_path / "pre"
-    run("train_sfe.py", "--stage", "pretrain", "--data", str(synth), "--vision", str(vit_dir),
+    run("-m", "sage.tools.pretrain", "--data", str(synth), "--vision", str(vit_dir),
         "--out", str(out), "--max_steps", "1",
         "--tokenizer", str(ROOT / "weights" / "sage-tiny-base"), *SMALL)
     given = InternViT.from_pretrained(vit_dir).state_dict()
@@ -79,9 +80,15 @@ def test_pretrain_builds_on_a_given_frozen_internvit(synth, tmp_path):
     assert exported.keys() == given.keys()
     for name, a in given.items():
         torch.testing.assert_close(exported[name], a, atol=0, rtol=0, msg=name)  # loaded, frozen
-    proc = run("train_sfe.py", "--vision", str(vit_dir), "--out", str(tmp_path / "x"),
-               check=False)
-    assert proc.returncode == 2 and "--vision only applies to --stage pretrain" in proc.stderr
+
+
+def test_sfe_flags_are_checked_by_the_config_at_start(tmp_path):
+    # --top_k replaces a field of --init's config: SageConfig.__post_init__ refuses it before
+    # any work (it used to pass and fail inside the selection kernel)
+    out = tmp_path / "x"
+    proc = run("train_sfe.py", "--top_k", "999", "--out", str(out), check=False, timeout=120)
+    assert proc.returncode == 2 and "SageConfig.top_k=999 must be in [1, 64]" in proc.stderr
+    assert not out.exists()
 
 
 def test_sfe_single_vs_two_processes_and_export(base, synth, tmp_path):
@@ -144,27 +151,8 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(base, synth, tmp_path):
     assert latest_checkpoint(out) == ckpt
 
 
-def test_keep_aside_renames_and_never_deletes(tmp_path):
-    from sage.training import keep_aside, new_run_dir
-    assert keep_aside(tmp_path / "none") is None
-    runs = []
-    for i in range(2):  # twice within one second: the second name gets a suffix
-        (tmp_path / "qs").mkdir()
-        (tmp_path / "qs" / "report.md").write_text(str(i))
-        runs.append(keep_aside(tmp_path / "qs"))
-    assert not (tmp_path / "qs").exists() and runs[0] != runs[1]
-    assert [(r / "report.md").read_text() for r in runs] == ["0", "1"]
-    assert all(r.name.startswith("qs.") for r in runs)
-    new_run_dir(tmp_path / "qs")  # empty name: just created
-    (tmp_path / "qs" / "report.md").write_text("2")
-    new_run_dir(tmp_path / "qs")  # the earlier run goes aside, the new directory is empty
-    assert not any((tmp_path / "qs").iterdir())
-    assert sorted((r / "report.md").read_text() for r in tmp_path.glob("qs.*")) == ["0", "1", "2"]
-
-
 def test_plan_runs_without_allocating():
-    proc = run("train_sfe.py", "--plan", "--preset", "internvl2-40b", "--plan_world", "8",
-               timeout=60)
+    proc = run("-m", "sage.tools.plan", "--preset", "internvl2-40b", "--world", "8", timeout=60)
     assert "fits" in proc.stdout and "activation checkpointing True" in proc.stdout
 
 
@@ -215,8 +203,8 @@ def test_evaluate_end_to_end(base, synth, tmp_path):
 def test_quickstart_fast(base, tmp_path):
     """The README's main command in a reduced size: every stage runs and the table is written."""
     out = tmp_path / "qs"
-    run("-m", "sage.quickstart", "--fast", "--base", str(base), "--data", str(tmp_path / "synth"),
-        "--out", str(out))
+    run("-m", "sage.tools.quickstart", "--fast", "--base", str(base), "--data",
+        str(tmp_path / "synth"), "--out", str(out))
     report = (out / "eval" / "report.md").read_text()
     for name in ("| Base |", "| SFE |", "| SFE+E-DPO |"):
         assert name in report

@@ -1,15 +1,15 @@
 """Importers from external formats into SAGE's JSONL records (DESIGN §6).
 
-    python -m sage.data.convert llava  IN.json  OUT.jsonl [--root IMAGES]   kind "general"
-    python -m sage.data.convert manta  IN.json  OUT.jsonl [--root IMAGES]   kind "qa"
-    python -m sage.data.convert mmad   IN.json  OUT.jsonl [--root IMAGES]   kind "qa"
-    python -m sage.data.convert mvtec  MVTEC/   OUT.jsonl                   kind "qa"
+    convert("manta", "IN.json", "OUT.jsonl", root="IMAGES")   # or: python -m sage.tools.convert
+
+Formats: llava (InternVL/LLaVA conversation JSON, kind "general"), manta, mmad and mvtec
+(an MVTec-AD folder), kind "qa".
 
 Image paths: the input's paths are relative to --root (default: the folder of IN; for mvtec
 IN itself); the output's are rewritten relative to the folder of OUT, the JSONL's data root,
 so every image must lie inside that folder (put OUT at the top of the data tree). Every output
 record passes sage.data.schema.validate_record; a malformed input item raises naming the file,
-the item and the field, or is skipped and counted with --skip-bad.
+the item and the field, or is skipped and counted with skip_bad=True.
 
 Assumptions about the external formats (checked where possible):
 - LLaVA / InternVL conversation JSON: a list of {"id", "image": str (or a 1-element list),
@@ -46,11 +46,9 @@ Assumptions about the external formats (checked where possible):
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -388,33 +386,3 @@ def convert(fmt: str, src: str | Path, out: str | Path, root: str | Path | None 
                     check_image_file(out_root / r[fld], r[fld], f"{out} (id {r['id']})", fld)
     write_jsonl(c.records, out)
     return len(c.records), c.n_skipped, c.errors
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m sage.data.convert",
-                                description="Import external data into SAGE JSONL records.")
-    p.add_argument("format", choices=sorted(IMPORTERS), help="input format")
-    p.add_argument("input", help="input JSON file (mvtec: the dataset folder)")
-    p.add_argument("output", help="output JSONL; its folder is the data root of image paths")
-    p.add_argument("--root", default=None,
-                   help="folder the input's image paths are relative to (default: folder of "
-                        "the input; mvtec: the input folder)")
-    p.add_argument("--source", default=None, help="value of the records' 'source' field and "
-                                                  "id prefix (default: the format name)")
-    p.add_argument("--skip-bad", action=argparse.BooleanOptionalAction, default=False,
-                   help="skip malformed items (counted) instead of stopping at the first")
-    p.add_argument("--check-images", action=argparse.BooleanOptionalAction, default=False,
-                   help="open every referenced image (exists and decodes)")
-    a = p.parse_args(argv)
-    try:
-        n, n_skipped, errors = convert(a.format, a.input, a.output, a.root, a.source,
-                                       a.skip_bad, a.check_images)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
-    print(f"wrote {n} records to {a.output}; skipped {n_skipped} item(s)")
-    for e in errors[:5]:
-        print(f"  skipped: {e}")
-
-
-if __name__ == "__main__":
-    main()

@@ -24,15 +24,13 @@ category; no anomaly QA), sfe_train, edpo_train, test_seen (seen categories), te
 (the UNSEEN categories only), corpus.txt (all text, for the tiny tokenizer), facts.jsonl,
 manifest.json.
 
-    python -m sage.data.synthad --out data/synthad --seed 0 [--size 224] [--scale 1.0]
+    generate("data/synthad", seed=0)   # or: python -m sage.tools.synthad --out data/synthad
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -583,19 +581,3 @@ def generate(out: str | Path, seed: int = 0, size: int = 224, scale: float = 1.0
                 "counts": {k: len(v) for k, v in splits.items()}}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Generate the SynthAD benchmark (DESIGN §7).")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--seed", type=int, default=0, help="generator seed (deterministic)")
-    p.add_argument("--size", type=int, default=224, help="image side in pixels")
-    p.add_argument("--scale", type=float, default=1.0, help="multiplies every split's size")
-    args = p.parse_args(argv)
-    t = time.time()
-    manifest = generate(args.out, args.seed, args.size, args.scale)
-    print(f"SynthAD in {args.out}: {manifest['counts']} ({time.time() - t:.1f} s)")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,8 +1,8 @@
 """Table 3 and Fig. 7 of the paper at tiny scale, on SynthAD (longer than the quickstart).
 
-    python -m sage.ablations                 # Table 3 rows + the N / K sweep, seed 0
-    python -m sage.ablations --seeds 0 1 2   # several seeds (each row: mean over seeds)
-    python -m sage.ablations --fast          # 2 steps each (smoke)
+    python -m sage.tools.ablations                 # Table 3 rows + the N / K sweep, seed 0
+    python -m sage.tools.ablations --seeds 0 1 2   # several seeds (each row: mean over seeds)
+    python -m sage.tools.ablations --fast          # 2 steps each (smoke)
 
 Table 3 rows (zero-shot, test_unseen):
   Baseline       the base VLM (weights/sage-tiny-base), no training on anomaly QA
@@ -25,8 +25,9 @@ import sys
 from pathlib import Path
 
 from sage.config import SageConfig
-from sage.quickstart import EDPO_GLOBAL_BATCH, run
-from sage.training import new_run_dir
+from sage.runs import new_run_dir
+from sage.tools.args import Parser
+from sage.tools.quickstart import EDPO_GLOBAL_BATCH, run
 
 
 def evaluate(models: dict[str, str], data: Path, out: Path, setting: str, log: Path,
@@ -49,8 +50,7 @@ def mean_rows(rows: list[list[str]]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawTextHelpFormatter)
+    p = Parser(description=__doc__)
     p.add_argument("--data", default="data/synthad", help="SynthAD directory (quickstart's)")
     p.add_argument("--base", default="weights/sage-tiny-base", help="pretrained base VLM")
     p.add_argument("--out", default="runs/ablations", help="run directory")
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
         args.sfe_steps = args.edpo_steps = 2
     py, data, out = sys.executable, Path(args.data), Path(args.out)
     if not (data / "manifest.json").exists():
-        raise SystemExit(f"{data}: no SynthAD here; run `python -m sage.quickstart` first")
+        raise SystemExit(f"{data}: no SynthAD here; run `python -m sage.tools.quickstart` first")
     new_run_dir(out)  # an earlier run is renamed aside, never overwritten
     log = out / "ablations.log"
     limit = ["--limit", "20"] if args.fast else []

@@ -1,29 +1,29 @@
 """The main job on the embedded default: SynthAD -> SFE -> E-DPO -> evaluation, tiny model, CPU.
 
-    python -m sage.quickstart                  # README's main command (target <= 10 min, 2 cores)
-    python -m sage.quickstart --fast           # a few steps of everything (tests use this)
+    python -m sage.tools.quickstart             # README's main command (target <= 10 min, 2 cores)
+    python -m sage.tools.quickstart --fast      # a few steps of everything (tests use this)
 
-Steps, each the documented command of its stage run in a subprocess:
-  1. python -m sage.data.synthad            generate the benchmark (skipped if already there)
-  2. python -m sage.facts --model BASE      fact sentences from the pretrained base VLM
-  3. python -m sage.mle score --judge oracle   judge sub-scores of the E-DPO answers (Eq. 3)
-  4. python train_sfe.py                    Stage 1 (Fact[FE]) from weights/sage-tiny-base
-  5. python train_edpo.py                   Stage 2 (E-DPO) from the SFE export
-  6. python evaluate.py                     Base vs SFE vs SFE+E-DPO on test_unseen, both settings
+Steps, each the documented command of its stage run in a subprocess from the checkout:
+  1. python -m sage.tools.synthad             generate the benchmark (skipped if already there)
+  2. python -m sage.tools.facts --model BASE  fact sentences from the pretrained base VLM
+  3. python -m sage.tools.mle --judge oracle  judge sub-scores of the E-DPO answers (Eq. 3)
+  4. python train_sfe.py                      Stage 1 (Fact[FE]) from weights/sage-tiny-base
+  5. python train_edpo.py                     Stage 2 (E-DPO) from the SFE export
+  6. python evaluate.py                       Base vs SFE vs SFE+E-DPO on test_unseen, both settings
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from sage.training import new_run_dir
+from sage.runs import new_run_dir
+from sage.tools.args import Parser
 
-ROOT = Path(__file__).resolve().parents[1]  # the checkout: the scripts live at its top level
+ROOT = Path(__file__).resolve().parents[2]  # the checkout: the stage scripts live at its top
 EDPO_GLOBAL_BATCH = 16  # instances per E-DPO step (2 pairs, 4 sequences each): ~2.5 s on 2 cores
 
 
@@ -45,8 +45,7 @@ def run(cmd: list[str], log: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawTextHelpFormatter)
+    p = Parser(description=__doc__)
     p.add_argument("--data", default="data/synthad", help="SynthAD directory")
     p.add_argument("--base", default="weights/sage-tiny-base", help="pretrained base VLM")
     p.add_argument("--out", default="runs/quickstart", help="run directory")
@@ -64,14 +63,14 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.time()
     limit = ["--limit", "20"] if args.fast else []
     if not (data / "manifest.json").exists():
-        run([py, "-m", "sage.data.synthad", "--out", str(data), "--seed", str(args.seed),
+        run([py, "-m", "sage.tools.synthad", "--out", str(data), "--seed", str(args.seed),
              "--scale", str(args.scale)], log)
     for split in ("sfe_train", "edpo_train", "test_unseen"):
-        run([py, "-m", "sage.facts", "--data", str(data / f"{split}.jsonl"),
+        run([py, "-m", "sage.tools.facts", "--data", str(data / f"{split}.jsonl"),
              "--out", str(data / "facts_base.jsonl"), "--model", args.base, "--fill",
-             "--batch-size", "16", "--max-new-tokens", "32"], log)
-    run([py, "-m", "sage.mle", "score", "--data", str(data / "edpo_train.jsonl"),
-         "--judge", "oracle", "--in-place"], log)
+             "--batch_size", "16", "--max_new_tokens", "32"], log)
+    run([py, "-m", "sage.tools.mle", "--data", str(data / "edpo_train.jsonl"),
+         "--judge", "oracle", "--in_place"], log)
     run([py, "train_sfe.py", "--init", args.base, "--data", str(data), "--out",
          str(out / "sfe"), "--max_steps", str(args.sfe_steps), "--seed", str(args.seed)], log)
     run([py, "train_edpo.py", "--init", str(out / "sfe" / "export"), "--data", str(data),

@@ -6,7 +6,8 @@ import json
 import pytest
 from PIL import Image
 
-from sage.data.convert import convert, leading_decision, main, mvtec_questions, rank_options
+from sage.data.convert import convert, leading_decision, mvtec_questions, rank_options
+from sage.tools.convert import main
 from sage.data.schema import load_jsonl
 
 

@@ -1,4 +1,4 @@
-"""Benchmarks that print figures (python -m sage.bench.<name>); shared helpers below."""
+"""Benchmarks that print figures (python -m sage.tools.bench.<name>); shared helpers below."""
 
 from __future__ import annotations
 

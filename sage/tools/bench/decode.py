@@ -11,21 +11,21 @@ with the bandwidth measured in the same run by a device-to-device copy (bytes re
 over time). Prints ms/token for the model and for the roofline and their ratio (goal: the
 model reaches >= 60% of the roofline).
 
-    python -m sage.bench.decode                     # on a GPU: 4 Yi-34B layers, bf16
-    python -m sage.bench.decode --preset tiny       # CPU smoke run (figures meaningless)
+    python -m sage.tools.bench.decode                     # on a GPU: 4 Yi-34B layers, bf16
+    python -m sage.tools.bench.decode --preset tiny       # CPU smoke run (figures meaningless)
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import time
 
 import torch
 
-from sage.bench import print_profile
 from sage.config import SageConfig
 from sage.models.llama import Llama
+from sage.tools.args import Parser
+from sage.tools.bench import print_profile
 
 
 def copy_bandwidth(device: torch.device, n_bytes: int, repeats: int, sync) -> float:
@@ -43,9 +43,8 @@ def copy_bandwidth(device: torch.device, n_bytes: int, repeats: int, sync) -> fl
     return 2 * n_bytes / best
 
 
-def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawTextHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    p = Parser(description=__doc__)
     p.add_argument("--preset", default="internvl2-40b", help="LLM width from this preset")
     p.add_argument("--layers", type=int, default=4, help="decoder layers in the slice")
     p.add_argument("--prompt", type=int, default=1024, help="prefilled prompt tokens")
@@ -53,11 +52,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--copy_gib", type=float, default=2.0, help="bandwidth probe size (GiB)")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="also profile 4 decode steps and print their N costliest kernels")
-    return p.parse_args()
-
-
-def main() -> None:
-    args = parse_args()
+    args = p.parse_args(argv)
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")

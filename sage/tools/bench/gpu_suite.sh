@@ -3,7 +3,7 @@
 # the top-K kernel benchmark, the training-step slice (with and without activation
 # checkpointing; the first one profiled) and batch-1 decoding. Each step has its own time limit,
 # so one hang cannot eat the others; every log goes to $OUT (default runs/gpu_suite).
-#     bash sage/bench/gpu_suite.sh [env decode train train_ac topk tests]   (no argument: all)
+#     bash sage/tools/bench/gpu_suite.sh [env decode train train_ac topk tests]   (no argument: all)
 set -u
 OUT=${OUT:-runs/gpu_suite}
 mkdir -p "$OUT"
@@ -26,11 +26,11 @@ for step in $steps; do
 memory.total --format=csv; $PY -c 'import torch, triton; print(\"torch\", torch.__version__, \
 \"triton\", triton.__version__)'" ;;
         tests) run tests 90 $PY -m pytest -q -p no:cacheprovider tests/kernels ;;
-        topk) run topk 170 $PY -m sage.bench.topk_cosine --sweep ;;
-        train) run train 180 $PY -m sage.bench.train_step --profile 15
-               run train_b4 120 $PY -m sage.bench.train_step --batch 4 ;;
-        train_ac) run train_ac 120 $PY -m sage.bench.train_step --activation_checkpointing ;;
-        decode) run decode 120 $PY -m sage.bench.decode --profile 12 ;;
+        topk) run topk 170 $PY -m sage.tools.bench.topk_cosine --sweep ;;
+        train) run train 180 $PY -m sage.tools.bench.train_step --profile 15
+               run train_b4 120 $PY -m sage.tools.bench.train_step --batch 4 ;;
+        train_ac) run train_ac 120 $PY -m sage.tools.bench.train_step --activation_checkpointing ;;
+        decode) run decode 120 $PY -m sage.tools.bench.decode --profile 12 ;;
         *) echo "unknown step $step (env decode train train_ac topk tests)"; exit 2 ;;
     esac
 done

@@ -1,6 +1,6 @@
 """Checkpoint loading benchmark: sage.checkpoint.load_into against a raw read of the same files.
 
-Writes a synthetic bf16 checkpoint of about --size-gb in the plain Hugging Face Llama layout
+Writes a synthetic bf16 checkpoint of about --size_gb in the plain Hugging Face Llama layout
 (a stack of Llama-like layers, sharded with model.safetensors.index.json), then measures, each
 in a fresh subprocess so that peak RSS (VmHWM) belongs to that one job:
 
@@ -15,7 +15,7 @@ as an unprivileged process can) and warm, best of --repeats each. Prints GB/s, t
 load / raw ratios and peak RSS over the process's RSS after imports, relative to the model's
 bytes. Goals: load >= 0.8x raw, peak RSS <= 1.2x model bytes.
 
-    python -m sage.bench.load --size-gb 1 --dir /tmp/sage_bench_load
+    python -m sage.tools.bench.load --size_gb 1 --dir /tmp/sage_bench_load
 """
 
 from __future__ import annotations
@@ -29,16 +29,17 @@ import sys
 import time
 from pathlib import Path
 
+from sage.tools.args import Parser
+
 MARKER = "sage_bench_load.json"  # only directories carrying this file are ever deleted
 CHUNK = 16 << 20
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(description=__doc__)
     # checkpoint
-    p.add_argument("--size-gb", type=float, default=4.0, help="synthetic checkpoint size (GB)")
-    p.add_argument("--shard-gb", type=float, default=0.5, help="max bytes per shard file (GB)")
+    p.add_argument("--size_gb", type=float, default=4.0, help="synthetic checkpoint size (GB)")
+    p.add_argument("--shard_gb", type=float, default=0.5, help="max bytes per shard file (GB)")
     p.add_argument("--dir", default="/tmp/sage_bench_load", help="where the checkpoint goes")
     # runtime
     p.add_argument("--repeats", type=int, default=2,
@@ -69,8 +70,9 @@ def write_checkpoint(directory: Path, cfg, shard_bytes: int) -> int:
     """Random bf16 tensors, generated and written one at a time; -> total tensor bytes."""
     import torch
 
-    from sage.checkpoint import (INDEX_FILE, LLAMA_KEY_MAP_INV, hf_llama_config, map_key,
-                                 model_tensors, plan_shards, write_safetensors)
+    from sage.checkpoint import model_tensors
+    from sage.names import LLAMA_KEY_MAP_INV, map_key
+    from sage.safetensors_io import INDEX_FILE, plan_shards, write_safetensors
     from sage.models.llama import Llama
 
     with torch.device("meta"):  # names and shapes only
@@ -86,7 +88,7 @@ def write_checkpoint(directory: Path, cfg, shard_bytes: int) -> int:
     weight_map = {pub: name for name, shard in zip(names, shards) for pub, _ in shard}
     (directory / INDEX_FILE).write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
-    (directory / "config.json").write_text(json.dumps(hf_llama_config(cfg, torch.bfloat16)))
+    (directory / "config.json").write_text(json.dumps({**cfg.to_dict(), "torch_dtype": "bfloat16"}))
     return total
 
 
@@ -141,7 +143,8 @@ def _raw_reuse(directory: Path) -> None:
 def _load_into(directory: Path) -> None:
     import torch
 
-    from sage.checkpoint import LLAMA_KEY_MAP, load_into
+    from sage.checkpoint import load_into
+    from sage.names import LLAMA_KEY_MAP
     from sage.config import llm_config_from_dict
     from sage.models.llama import Llama
 
@@ -181,7 +184,7 @@ def run_child(job: str, directory: Path) -> None:
 
 
 def measure(job: str, directory: Path) -> dict:
-    out = subprocess.run([sys.executable, "-m", "sage.bench.load", "--child", job, "--dir",
+    out = subprocess.run([sys.executable, "-m", "sage.tools.bench.load", "--child", job, "--dir",
                           str(directory)], check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 

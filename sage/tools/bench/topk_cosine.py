@@ -13,10 +13,9 @@ with the ratio to bmm, achieved TFLOP/s (2 * B * P * R * C / t), the extra peak 
 the fraction of selected indices equal to the spec's. On CPU: a small smoke run without the
 Triton kernel (the interpreter is for correctness, not speed).
 
-Run: python -m sage.bench.topk_cosine [--k 32] [--dtype bf16] [--shape 8,3328,3328,7168 ...]
+Run: python -m sage.tools.bench.topk_cosine [--k 32] [--dtype bf16] [--shape 8,3328,3328,7168 ...]
 """
 
-import argparse
 import statistics
 import time
 
@@ -24,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from sage.kernels.topk_cosine import _kernels, nn_scores_triton, select_lowest, topk_cosine
+from sage.tools.args import Parser
 
 GPU_SHAPES = ["32,256,256,7168", "8,3328,3328,7168", "32,1024,1024,3200"]  # B,P,R,C
 CPU_SHAPES = ["2,64,64,256"]
@@ -109,16 +109,16 @@ def split_sweep(B, P, R, C, dtype, splits=(1, 2, 4, 8)):
     return out
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = Parser(description=__doc__)
     parser.add_argument("--k", type=int, default=32, help="K selected tokens (SageConfig.top_k)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="input dtype")
     parser.add_argument("--sweep", action="store_true",
                         help="also time the Triton scores for n_split 1..8, norms fused or not")
     parser.add_argument("--shape", action="append", default=None,
-                        help="B,P,R,C (repeatable); default: the InternVL2-40B-like shapes on "
+                        help="B,P,R,C (repeatable); None: the InternVL2-40B-like shapes on "
                              "CUDA, a small smoke shape on CPU")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = DTYPES[args.dtype]

@@ -4,10 +4,10 @@ Forward + backward + AdamW step of SageModel with `--llm_layers` Yi-34B decoder 
 `--vit_layers` InternViT-6B blocks (frozen, as in Stage 1), full vocabulary, bf16 parameters
 with fp32 gradient reduction, on one GPU (a one-rank process group). Prints tokens/s, achieved
 TFLOP/s, MFU against the GPU's dense bf16 peak, and the measured peak memory next to the
-prediction of `sage.plan.plan_memory` (what `train_sfe.py --plan` prints) for the same slice.
+prediction of `sage.plan.plan_memory` (what `python -m sage.tools.plan` prints) for the same slice.
 
-    python -m sage.bench.train_step                       # on an H100: the 40B-width slice
-    python -m sage.bench.train_step --preset tiny         # CPU smoke run (figures meaningless)
+    python -m sage.tools.bench.train_step                 # on an H100: the 40B-width slice
+    python -m sage.tools.bench.train_step --preset tiny   # CPU smoke run (figures meaningless)
 """
 
 from __future__ import annotations
@@ -18,11 +18,12 @@ import time
 
 import torch
 
-from sage.bench import print_profile
 from sage.config import SageConfig
-from sage.distributed import cleanup, init_distributed
+from sage.distributed import build_model, build_optimizer, cleanup, init_distributed
 from sage.plan import count_params, format_plan, plan_memory
-from sage.training import build_model, build_optimizer, grad_norm_and_clip
+from sage.tools.args import Parser
+from sage.tools.bench import print_profile
+from sage.training import grad_norm_and_clip
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense tensor-core FLOP/s
 
@@ -84,24 +85,19 @@ def report_cuda(cfg: SageConfig, args, flops: float, dt: float, dt_fb: float) ->
           f"({100 * (measured / plan.total - 1):+.1f}%)")
 
 
-def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--preset", default="internvl2-40b")
+def main(argv: list[str] | None = None) -> None:
+    p = Parser(description=__doc__)
+    p.add_argument("--preset", default="internvl2-40b", help="SageConfig preset of the slice")
     p.add_argument("--llm_layers", type=int, default=2, help="decoder layers in the slice")
     p.add_argument("--vit_layers", type=int, default=1, help="InternViT blocks in the slice")
     p.add_argument("--batch", type=int, default=2, help="micro-batch")
     p.add_argument("--seq_len", type=int, default=2048, help="tokens per sample")
     p.add_argument("--steps", type=int, default=10, help="timed steps (after 3 warm-up)")
     p.add_argument("--activation_checkpointing", action=argparse.BooleanOptionalAction,
-                   default=False)
+                   default=False, help="recompute each block in backward")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after timing, profile one step and print its N costliest kernels")
-    return p.parse_args()
-
-
-def main() -> None:
-    args = parse_args()
+    args = p.parse_args(argv)
 
     dist = init_distributed()
     base = SageConfig.preset(args.preset)

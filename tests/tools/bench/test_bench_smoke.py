@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.mark.parametrize("module,expect", [
-    ("sage.bench.decode", "% of the roofline"),
-    ("sage.bench.train_step", "tok/s"),
+    ("sage.tools.bench.decode", "% of the roofline"),
+    ("sage.tools.bench.train_step", "tok/s"),
 ])
 def test_cpu_smoke_prints_figures(module, expect):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
