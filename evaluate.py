@@ -23,8 +23,11 @@ import sage
 from sage.data import Collator, SFEDataset, load_jsonl
 from sage.data.oracle import extract_decision
 from sage.distributed import cleanup, gather_objects, init_distributed, print0
+from sage.inference import generate_answers
 from sage.metrics import format_report, summarize
-from sage.training import to_device
+from sage.mle import MLEResult, OpenAIJudge, OracleJudge, score_many
+from sage.sbert import sbert_similarities
+from sage.visualize import visualize_selection
 
 # ----------------------------------------------------------------------------- arguments
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -88,11 +91,11 @@ for name, model_dir in zip(names, args.model):
         local = []
         for s in range(0, len(mine), args.batch_size):
             examples = [ds[i] for i in mine[s:s + args.batch_size]]
-            batch = to_device(collate(examples), dist.device)
-            out = model.generate(batch, max_new_tokens=args.max_new_tokens,
-                                 temperature=args.temperature, top_p=args.top_p, generator=gen)
-            for ex, ids in zip(examples, out.tolist()):
-                answer = model.tokenizer.decode(ids).strip()
+            answers = generate_answers(model, examples, collate,
+                                       max_new_tokens=args.max_new_tokens,
+                                       temperature=args.temperature, top_p=args.top_p,
+                                       generator=gen)
+            for ex, answer in zip(examples, answers):
                 local.append({"model": name, "setting": setting, "id": ex["id"],
                               "group": ex["group"], "level": ex["level"], "label": ex["label"],
                               "question": ex["question"], "answer": answer,
@@ -101,8 +104,6 @@ for name, model_dir in zip(names, args.model):
         predictions += [p for part in gather_objects(local) for p in part]
         print0(f"{name} {setting}: {len(records)} answers")
     if args.visualize and dist.is_main:
-        from sage.visualize import visualize_selection
-
         vis_ds = SFEDataset(records, args.data, model.cfg, setting="one-shot")
         for i in range(min(args.visualize, len(records))):
             rec = records[i]
@@ -117,8 +118,6 @@ if dist.is_main:
         p_["correct"] = p_["decision"] is not None and p_["decision"] == p_["label"]
     by_id = {r["id"]: r for r in records}
     if args.judge != "none":
-        from sage.mle import MLEResult, OpenAIJudge, OracleJudge, score_many
-
         judge = (OracleJudge() if args.judge == "oracle" else
                  OpenAIJudge(model=args.judge_model, cache=args.judge_cache))
         scores = score_many(judge, [(p_["question"], p_["reference_answer"], p_["answer"],
@@ -133,8 +132,6 @@ if dist.is_main:
         if failed:
             print0(f"judge: {failed} answers could not be scored (see predictions.jsonl)")
     if args.sbert:
-        from sage.sbert import sbert_similarities
-
         sims = sbert_similarities([p_["answer"] for p_ in predictions],
                                   [p_["reference_answer"] for p_ in predictions])
         if sims is None:

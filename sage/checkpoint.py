@@ -1,13 +1,8 @@
-"""Checkpoints: declarative key maps, streaming safetensors load and sharded export (DESIGN §5).
+"""Checkpoints: streaming load into a (sharded) model and sharded export (DESIGN §5).
 
-Published Hugging Face layouts and ours differ only by names (STYLE §5), so each layout is one
-table `published name -> our name` (`{}` = layer index, `*` = the rest of a dotted name,
-`None` = deliberately skipped) plus its inverse for export:
-
-    INTERNVL_KEY_MAP    InternVL2 (`vision_model.*`, `mlp1.{0,1,3}.*`, `language_model.*`)
-                        + SAGE's own `sage.fusion.*`, `sage.fact_proj.*`      <-> SageModel
-    LLAMA_KEY_MAP       plain HF Llama (`model.*`, `lm_head.weight`)          <-> Llama
-    INTERNVIT_KEY_MAP   plain InternViT (`embeddings.*`, `encoder.layers.N.*`) <-> InternViT
+The names come from sage.names (one key map per published layout, published -> ours, and its
+inverse); the files are read and written by sage.safetensors_io. This module depends on those
+and on sage.config only; the models' `from_pretrained` call into it, never the other way.
 
 Loading (`load_into`) never holds a second copy of the model: the model is built on the meta
 device, materialised empty (or already sharded by FSDP2), and each tensor's bytes are read
@@ -16,7 +11,7 @@ receives only this rank's slice, so no rank reads the full 40B model: a row rang
 Shard(0)) is one contiguous read; any other slice goes through safetensors' memory-mapped
 `safe_open(...).get_slice`.
 
-    model = load_pretrained("weights/sage-tiny-base")            # SageModel, tokenizer attached
+    report = load_into(model, "weights/sage-tiny-base", INTERNVL_KEY_MAP)  # model on meta
     save_pretrained(model, "out/export", tokenizer=model.tokenizer)
     save_pretrained(model, "out/llm", layout="llama")   # LlamaForCausalLM.from_pretrained works
 """
@@ -26,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -41,222 +35,9 @@ import torch.nn as nn
 from safetensors import safe_open
 
 from sage.config import LLMConfig, SageConfig, VisionConfig
-
-# ----------------------------------------------------------------------------- key maps
-
-LLAMA_KEY_MAP: dict[str, str | None] = {  # published plain HF Llama name -> Llama name
-    "model.embed_tokens.weight": "embed_tokens.weight",
-    **{f"model.layers.{{}}.self_attn.{p}_proj.weight": f"layers.{{}}.self_attn.{p}_proj.weight"
-       for p in "qkvo"},
-    **{f"model.layers.{{}}.mlp.{p}_proj.weight": f"layers.{{}}.mlp.{p}_proj.weight"
-       for p in ("gate", "up", "down")},
-    "model.layers.{}.input_layernorm.weight": "layers.{}.input_layernorm.weight",
-    "model.layers.{}.post_attention_layernorm.weight": "layers.{}.post_attention_layernorm.weight",
-    "model.norm.weight": "norm.weight",
-    "lm_head.weight": "lm_head.weight",
-    # older transformers saved RoPE's inverse frequencies; ours are recomputed on the fly
-    "model.layers.{}.self_attn.rotary_emb.inv_freq": None,
-}
-
-_VIT_LAYER = ["norm1", "norm2", "attn.qkv", "attn.q_norm", "attn.k_norm", "attn.proj",
-              "mlp.fc1", "mlp.fc2"]
-INTERNVIT_KEY_MAP: dict[str, str | None] = {  # published plain InternViT name -> InternViT name
-    "embeddings.class_embedding": "embeddings.class_embedding",
-    "embeddings.patch_embedding.weight": "embeddings.patch_embedding.weight",
-    "embeddings.patch_embedding.bias": "embeddings.patch_embedding.bias",
-    "embeddings.position_embedding": "embeddings.position_embedding",
-    **{f"encoder.layers.{{}}.{m}.{w}": f"encoder.layers.{{}}.{m}.{w}"
-       for m in _VIT_LAYER for w in ("weight", "bias")},  # biases: LayerNorm / bias variants
-    "encoder.layers.{}.ls1": "encoder.layers.{}.ls1",
-    "encoder.layers.{}.ls2": "encoder.layers.{}.ls2",
-}
-
-
-def _prefixed(key_map: dict, published: str, ours: str) -> dict:
-    return {published + k: (None if v is None else ours + v) for k, v in key_map.items()}
-
-
-INTERNVL_KEY_MAP: dict[str, str | None] = {  # published InternVL2 name -> SageModel name
-    **_prefixed(INTERNVIT_KEY_MAP, "vision_model.", "vision."),
-    # mlp1 is an nn.Sequential(LayerNorm, Linear, GELU, Linear): opaque indices, renamed
-    "mlp1.0.weight": "adapter.norm.weight",
-    "mlp1.0.bias": "adapter.norm.bias",
-    "mlp1.1.weight": "adapter.fc1.weight",
-    "mlp1.1.bias": "adapter.fc1.bias",
-    "mlp1.3.weight": "adapter.fc2.weight",
-    "mlp1.3.bias": "adapter.fc2.bias",
-    **_prefixed(LLAMA_KEY_MAP, "language_model.", "llm."),
-    # SAGE's own modules (fusion attention Eq. 2, projection head Eq. 9) under their own prefix
-    "sage.fusion.*": "fusion.*",
-    "sage.fact_proj.*": "fact_proj.*",
-}
-
-
-def invert_key_map(key_map: dict[str, str | None]) -> dict[str, str]:
-    """ours -> published, for export; skipped (None) entries have no inverse."""
-    inverse = {v: k for k, v in key_map.items() if v is not None}
-    assert len(inverse) == sum(v is not None for v in key_map.values()), "key map not 1:1"
-    return inverse
-
-
-INTERNVL_KEY_MAP_INV = invert_key_map(INTERNVL_KEY_MAP)
-LLAMA_KEY_MAP_INV = invert_key_map(LLAMA_KEY_MAP)
-INTERNVIT_KEY_MAP_INV = invert_key_map(INTERNVIT_KEY_MAP)
-
-_LAYER_INDEX = re.compile(r"(?<=\.)\d+(?=\.|$)")  # a dotted segment made of digits
-
-
-def map_key(name: str, key_map: dict[str, str | None], source: str = "") -> str | None:
-    """Translate one tensor name with a key map -> the mapped name, or None if skipped.
-
-    Tries the exact name, then each numeric segment as the layer index `{}`, then `*` prefix
-    rules. Raises KeyError naming the key (and `source`, e.g. the shard file) if nothing fits.
-    """
-    if name in key_map:
-        return key_map[name]
-    for m in _LAYER_INDEX.finditer(name):
-        pattern = name[:m.start()] + "{}" + name[m.end():]
-        if pattern in key_map:
-            target = key_map[pattern]
-            return None if target is None else target.replace("{}", m.group())
-    for pattern, target in key_map.items():
-        if pattern.endswith("*") and name.startswith(pattern[:-1]):
-            return None if target is None else target[:-1] + name[len(pattern) - 1:]
-    where = f" (in {source})" if source else ""
-    raise KeyError(f"key '{name}'{where} matches no entry of the key map; add it to the table "
-                   "(or map it to None to skip it deliberately)")
-
-
-# ----------------------------------------------------------------------------- safetensors files
-
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
-           "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
-           "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
-_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
-INDEX_FILE, SINGLE_FILE = "model.safetensors.index.json", "model.safetensors"
-
-
-@dataclass
-class TensorInfo:
-    """Where one checkpoint tensor lives: file, dtype, shape, absolute byte offset and size."""
-
-    file: Path
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    offset: int
-    nbytes: int
-
-
-def read_header(file: Path) -> dict[str, TensorInfo]:
-    """Parse and validate one safetensors header (8-byte length + JSON); reads no tensor data.
-
-    Raises ValueError naming the file for a truncated file, a corrupt header or tensor byte
-    ranges past the end of the file.
-    """
-    size = file.stat().st_size
-    with open(file, "rb") as f:
-        head = f.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if n < 0 or n > size - 8:
-            raise ValueError(f"{file}: corrupt or truncated safetensors header (file of {size} "
-                             f"bytes, header length field {n})")
-        raw = f.read(n)
-    try:
-        header = json.loads(raw)
-        if not isinstance(header, dict):
-            raise ValueError("not a JSON object")
-        data_size = size - 8 - n
-        out = {}
-        for name, e in header.items():
-            if name == "__metadata__":
-                continue
-            (begin, end), dtype, shape = e["data_offsets"], _DTYPES[e["dtype"]], tuple(e["shape"])
-            if end > data_size:
-                raise ValueError(f"tensor '{name}' ends at byte {end} of the data section, "
-                                 f"which has only {data_size} bytes (truncated file?)")
-            if end - begin != math.prod(shape) * dtype.itemsize:
-                raise ValueError(f"tensor '{name}': {end - begin} bytes for {e['dtype']} "
-                                 f"{list(shape)}")
-            out[name] = TensorInfo(file, dtype, shape, 8 + n + begin, end - begin)
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file}: corrupt or truncated safetensors header: "
-                         f"{type(e).__name__}: {e}") from None
-    return out
-
-
-def read_checkpoint_index(path: str | os.PathLike) -> dict[str, TensorInfo]:
-    """All tensors of a checkpoint directory: `model.safetensors`, or the shards named by
-    `model.safetensors.index.json` ("weight_map"); `path` may also be one .safetensors file.
-    Only headers are read. -> published name -> TensorInfo."""
-    path = Path(path)
-    if path.is_file():
-        return read_header(path)
-    index = path / INDEX_FILE
-    if not index.is_file():
-        if (path / SINGLE_FILE).is_file():
-            return read_header(path / SINGLE_FILE)
-        raise FileNotFoundError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE} (expected a "
-                                "safetensors checkpoint directory)")
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{index}: line {e.lineno}: invalid JSON: {e.msg}") from None
-    except KeyError:
-        raise KeyError(f"{index}: missing required key 'weight_map'") from None
-    headers = {}
-    for shard in sorted(set(weight_map.values())):
-        if not (path / shard).is_file():
-            raise FileNotFoundError(f"{index}: names shard '{shard}', which does not exist in "
-                                    f"{path}")
-        headers[shard] = read_header(path / shard)
-    out = {}
-    for name, shard in weight_map.items():
-        if name not in headers[shard]:
-            raise ValueError(f"{index}: maps '{name}' to {shard}, whose header has no such "
-                             "tensor")
-        out[name] = headers[shard][name]
-    return out
-
-
-def checkpoint_dtype(path: str | os.PathLike) -> torch.dtype:
-    """The floating dtype holding most bytes of a checkpoint (its "torch_dtype"); headers only."""
-    by_bytes = Counter()
-    for t in read_checkpoint_index(path).values():
-        if t.dtype.is_floating_point:
-            by_bytes[t.dtype] += t.nbytes
-    return by_bytes.most_common(1)[0][0] if by_bytes else torch.get_default_dtype()
-
-
-def _out_dtype(t: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
-    return dtype if dtype is not None and t.is_floating_point() else t.dtype
-
-
-def write_safetensors(file: Path, tensors: list[tuple[str, torch.Tensor]],
-                      dtype: torch.dtype | None = None, fetch=lambda t: t) -> None:
-    """Stream tensors into one safetensors file without building it in memory.
-
-    The header needs only names, dtypes and shapes; then each tensor's bytes are written in
-    turn, converted to `dtype` if given (floating tensors only); `fetch` may gather a sharded
-    tensor first. The header is padded to a multiple of 8 bytes, as upstream does.
-    """
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for name, t in tensors:
-        out = _out_dtype(t, dtype)
-        n = t.numel() * out.itemsize
-        header[name] = {"dtype": _DTYPE_NAMES[out], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + n]}
-        offset += n
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(file, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little") + raw)
-        for _, t in tensors:  # one tensor at a time in host memory
-            cpu = fetch(t).detach().to("cpu", _out_dtype(t, dtype)).contiguous().reshape(-1)
-            f.write(memoryview(cpu.view(torch.uint8).numpy()))
-        f.flush()
-        os.fsync(f.fileno())
-
+from sage.names import INTERNVIT_KEY_MAP_INV, INTERNVL_KEY_MAP_INV, LLAMA_KEY_MAP_INV, map_key
+from sage.safetensors_io import (INDEX_FILE, SINGLE_FILE, TensorInfo, out_dtype, plan_shards,
+                                 read_checkpoint_index, write_safetensors)
 
 # ----------------------------------------------------------------------------- model tensors
 
@@ -531,45 +312,6 @@ _LAYOUTS = {"internvl": INTERNVL_KEY_MAP_INV, "llama": LLAMA_KEY_MAP_INV,
             "internvit": INTERNVIT_KEY_MAP_INV}
 
 
-def hf_llama_config(cfg: LLMConfig, dtype: torch.dtype) -> dict:
-    """config.json of a plain HF Llama dir (LlamaForCausalLM and llm_config_from_dict read it)."""
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
-            "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim,
-            "intermediate_size": cfg.ffn_dim, "num_hidden_layers": cfg.n_layers,
-            "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
-            "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len,
-            "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
-            "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False,
-            "mlp_bias": False, "torch_dtype": str(dtype).removeprefix("torch.")}
-
-
-def hf_internvit_config(cfg: VisionConfig, dtype: torch.dtype) -> dict:
-    """config.json of a plain InternViT dir (InternVisionConfig keys)."""
-    return {"architectures": ["InternVisionModel"], "model_type": "intern_vit_6b",
-            "image_size": cfg.image_size, "patch_size": cfg.patch_size,
-            "num_channels": cfg.n_channels, "hidden_size": cfg.dim,
-            "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
-            "intermediate_size": cfg.ffn_dim, "norm_type": cfg.norm_type,
-            "layer_norm_eps": cfg.norm_eps, "qk_normalization": cfg.use_qk_norm,
-            "qkv_bias": cfg.qkv_bias, "initializer_factor": cfg.layer_scale_init,
-            "drop_path_rate": cfg.drop_path_rate, "hidden_act": "gelu",
-            "torch_dtype": str(dtype).removeprefix("torch.")}
-
-
-def plan_shards(tensors: list[tuple[str, torch.Tensor]], max_bytes: int,
-                dtype: torch.dtype | None) -> list[list]:
-    """Consecutive groups of at most max_bytes (a larger tensor gets a shard of its own)."""
-    shards, size = [[]], 0
-    for name, t in tensors:
-        n = t.numel() * _out_dtype(t, dtype).itemsize
-        if shards[-1] and size + n > max_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append((name, t))
-        size += n
-    return shards
-
-
 def save_state_dict(state_dict: dict[str, torch.Tensor], config, directory: str | os.PathLike,
                     tokenizer=None, layout: str = "internvl", max_shard_bytes: int = 2**31,
                     overwrite: bool = False, dtype: torch.dtype | None = None) -> Path:
@@ -636,17 +378,17 @@ def save_state_dict(state_dict: dict[str, torch.Tensor], config, directory: str 
 def _write_metadata(tmp: Path, tensors, shards, names, config, tokenizer, layout: str,
                     dtype: torch.dtype | None) -> None:
     if len(shards) > 1:
-        total = sum(t.numel() * _out_dtype(t, dtype).itemsize for _, t in tensors)
+        total = sum(t.numel() * out_dtype(t, dtype).itemsize for _, t in tensors)
         weight_map = {pub: name for name, shard in zip(names, shards) for pub, _ in shard}
         (tmp / INDEX_FILE).write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
-    common = Counter(_out_dtype(t, dtype) for _, t in tensors if t.is_floating_point())
+    common = Counter(out_dtype(t, dtype) for _, t in tensors if t.is_floating_point())
     dtype = common.most_common(1)[0][0] if common else torch.float32
     if layout == "internvl":
         config.save(tmp)
-    else:
-        make = hf_llama_config if layout == "llama" else hf_internvit_config
-        (tmp / "config.json").write_text(json.dumps(make(config, dtype), indent=2) + "\n")
+    else:  # plain HF Llama / InternViT: the config's own table (sage.names) + the dtype
+        content = {**config.to_dict(), "torch_dtype": str(dtype).removeprefix("torch.")}
+        (tmp / "config.json").write_text(json.dumps(content, indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
 
@@ -672,38 +414,3 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, tokenizer=No
     return save_state_dict(model_tensors(model), config, directory, tokenizer=tokenizer,
                            layout=layout, max_shard_bytes=max_shard_bytes, overwrite=overwrite,
                            dtype=dtype)
-
-
-# ----------------------------------------------------------------------------- SageModel
-
-
-def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
-                    device: torch.device | str | None = None, strict: bool = True):
-    """SageModel from an InternVL2-layout directory (+ SAGE's `sage.*` keys if present).
-
-    Config from config.json, vocab_size from the checkpoint's embedding table (InternVL2 adds
-    tokens after Yi's 64000); built on meta, materialised on `device` (default CPU) in `dtype`
-    (default: the checkpoint's), filled by load_into. Fusion / projection head keys may be
-    absent (plain InternVL2): they are initialised and listed in `model.load_report`.
-    The tokenizer is attached when tokenizer.model is present. Returned in eval().
-    """
-    import dataclasses
-
-    from sage.models.sage import SageModel
-
-    path = Path(path)
-    cfg = SageConfig.from_pretrained(path)
-    ckpt = read_checkpoint_index(path)
-    emb = ckpt.get("language_model.model.embed_tokens.weight")
-    if emb is not None and emb.shape[0] != cfg.llm.vocab_size:
-        cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, vocab_size=emb.shape[0]))
-    with torch.device("meta"):
-        model = SageModel(cfg)
-    report = load_into(model, path, INTERNVL_KEY_MAP, dtype=dtype or checkpoint_dtype(path),
-                       strict=strict, new_ok=("fusion.", "fact_proj."), device=device)
-    model.load_report = report
-    if (path / "tokenizer.model").is_file():
-        from sage.tokenizer import Tokenizer
-
-        model.tokenizer = Tokenizer.from_pretrained(path)
-    return model.eval()

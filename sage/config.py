@@ -2,7 +2,10 @@
 
 Presets are an exact-name table (`SageConfig.preset("tiny")`, `SageConfig.preset("internvl2-40b")`);
 `SageConfig.from_pretrained(dir)` maps an InternVL2 `config.json` onto these dataclasses and
-fails on a missing or unknown key, naming the file and the key (DESIGN §5).
+fails on a missing or unknown key, naming the file and the key (DESIGN §5);
+`VisionConfig/LLMConfig.from_pretrained(dir)` read a plain InternViT / HF Llama one. Every
+config.json key name comes from the tables of sage.names, which feed reading (`from_dict`)
+and writing (`to_dict`) alike.
 
     cfg = SageConfig.preset("tiny"); vit = InternViT(cfg.vision); llm = Llama(cfg.llm)
 """
@@ -14,6 +17,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from sage.names import (FORCE_IMAGE_SIZE, IGNORED_KEYS, INTERNVL_CONSTANTS, INTERNVL_FIELDS,
+                        LLM_CONSTANTS, LLM_FIELDS, LLM_SECTION, REQUIRED, SAGE_FIELD_NAMES,
+                        SAGE_SECTION, VISION_CONSTANTS, VISION_FIELDS, VISION_SECTION)
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -61,6 +68,16 @@ class VisionConfig:
     def n_patches(self) -> int:
         return self.grid**2
 
+    @staticmethod
+    def from_pretrained(path: str | Path) -> "VisionConfig":
+        """Read a plain InternViT `config.json` (a directory or the file itself)."""
+        raw, file = read_config_json(path, "an InternViT directory")
+        return vision_config_from_dict(raw, source=str(file))
+
+    def to_dict(self) -> dict:
+        """Plain InternViT config.json content (InternVisionConfig keys)."""
+        return _write_fields(self, VISION_FIELDS, VISION_CONSTANTS)
+
 
 @dataclass
 class LLMConfig:
@@ -87,6 +104,16 @@ class LLMConfig:
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
+
+    @staticmethod
+    def from_pretrained(path: str | Path) -> "LLMConfig":
+        """Read a plain Hugging Face Llama `config.json` (a directory or the file itself)."""
+        raw, file = read_config_json(path, "a Hugging Face Llama directory")
+        return llm_config_from_dict(raw, source=str(file))
+
+    def to_dict(self) -> dict:
+        """Plain Hugging Face Llama config.json content (LlamaConfig keys)."""
+        return _write_fields(self, LLM_FIELDS, LLM_CONSTANTS)
 
 
 @dataclass
@@ -119,7 +146,8 @@ class SageConfig:
         if isinstance(self.llm, dict):
             self.llm = LLMConfig(**self.llm)
         _check(self.ps_version == "v2",
-               f"SageConfig.ps_version={self.ps_version!r}: only InternVL's 'v2' order is supported")
+               f"SageConfig.ps_version={self.ps_version!r}: only InternVL's 'v2' order is "
+               "supported")
         inv = round(1 / self.downsample_ratio)
         _check(abs(inv * self.downsample_ratio - 1) < 1e-6 and self.vision.grid % inv == 0,
                f"SageConfig.downsample_ratio={self.downsample_ratio} must be 1/n with n dividing "
@@ -158,94 +186,33 @@ class SageConfig:
     @staticmethod
     def from_pretrained(path: str | Path) -> "SageConfig":
         """Read an InternVL2 `config.json` (a directory or the file itself)."""
-        path = Path(path)
-        file = path / "config.json" if path.is_dir() else path
-        if not file.is_file():
-            raise FileNotFoundError(f"{file}: no config.json")
-        try:
-            raw = json.loads(file.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{file}: line {e.lineno}: invalid JSON: {e.msg}") from None
+        raw, file = read_config_json(path, "an InternVL2 directory")
         return SageConfig.from_dict(raw, source=str(file))
 
     @staticmethod
     def from_dict(raw: dict, source: str = "config.json") -> "SageConfig":
+        """SageConfig from InternVL2 config.json content (sage.names tables)."""
         top = _Reader(raw, source, "")
-        vis = _Reader(top.take("vision_config"), source, "vision_config.")
-        llm = _Reader(top.take("llm_config"), source, "llm_config.")
+        vis = _Reader(top.take(VISION_SECTION), source, VISION_SECTION + ".")
+        llm = _Reader(top.take(LLM_SECTION), source, LLM_SECTION + ".")
+        sage = _Reader(top.take(SAGE_SECTION, {}), source, SAGE_SECTION + ".")
         # force_image_size (top level) overrides the vision tower's own image_size
-        vision = _vision_from(vis, image_size=top.take("force_image_size", None))
-        llm_cfg = _llm_from(llm)
-        sage = _Reader(top.take("sage_config", {}), source, "sage_config.")
-        cfg = SageConfig(
-            vision=vision,
-            llm=llm_cfg,
-            downsample_ratio=top.take("downsample_ratio"),
-            ps_version=top.take("ps_version"),
-            select_layer=top.take("select_layer"),
-            template=top.take("template"),
-            dynamic_image_size=top.take("dynamic_image_size"),
-            use_thumbnail=top.take("use_thumbnail"),
-            max_dynamic_patch=top.take("max_dynamic_patch"),
-            min_dynamic_patch=top.take("min_dynamic_patch", 1),
-            system_message=top.take("system_message", None) or "",
-            **{f.name: sage.take(f.name, f.default) for f in _SAGE_FIELDS},
-        )
+        vision = _vision_from(vis, image_size=top.take(FORCE_IMAGE_SIZE, None))
+        kw = _read_fields(top, INTERNVL_FIELDS)
+        kw["system_message"] = kw["system_message"] or ""  # published configs may write null
+        cfg = SageConfig(vision=vision, llm=_llm_from(llm), **kw,
+                         **{f.name: sage.take(f.name, f.default) for f in _SAGE_FIELDS})
         for r in (top, vis, llm, sage):
             r.finish()
         return cfg
 
     def to_dict(self) -> dict:
         """InternVL2-style config.json content (SAGE's own fields under `sage_config`)."""
-        v, m = self.vision, self.llm
-        return {
-            "architectures": ["InternVLChatModel"],
-            "model_type": "internvl_chat",
-            "downsample_ratio": self.downsample_ratio,
-            "ps_version": self.ps_version,
-            "select_layer": self.select_layer,
-            "template": self.template,
-            "force_image_size": v.image_size,
-            "dynamic_image_size": self.dynamic_image_size,
-            "use_thumbnail": self.use_thumbnail,
-            "max_dynamic_patch": self.max_dynamic_patch,
-            "min_dynamic_patch": self.min_dynamic_patch,
-            "system_message": self.system_message,
-            "vision_config": {
-                "architectures": ["InternVisionModel"],
-                "model_type": "intern_vit_6b",
-                "image_size": v.image_size,
-                "patch_size": v.patch_size,
-                "num_channels": v.n_channels,
-                "hidden_size": v.dim,
-                "num_hidden_layers": v.n_layers,
-                "num_attention_heads": v.n_heads,
-                "intermediate_size": v.ffn_dim,
-                "norm_type": v.norm_type,
-                "layer_norm_eps": v.norm_eps,
-                "qk_normalization": v.use_qk_norm,
-                "qkv_bias": v.qkv_bias,
-                "initializer_factor": v.layer_scale_init,
-                "drop_path_rate": v.drop_path_rate,
-                "hidden_act": "gelu",
-            },
-            "llm_config": {
-                "architectures": ["LlamaForCausalLM"],
-                "model_type": "llama",
-                "vocab_size": m.vocab_size,
-                "hidden_size": m.dim,
-                "num_hidden_layers": m.n_layers,
-                "num_attention_heads": m.n_heads,
-                "num_key_value_heads": m.n_kv_heads,
-                "intermediate_size": m.ffn_dim,
-                "rms_norm_eps": m.norm_eps,
-                "rope_theta": m.rope_theta,
-                "max_position_embeddings": m.max_seq_len,
-                "tie_word_embeddings": m.tie_embeddings,
-                "hidden_act": "silu",
-            },
-            "sage_config": {f.name: getattr(self, f.name) for f in _SAGE_FIELDS},
-        }
+        return {**_write_fields(self, INTERNVL_FIELDS, INTERNVL_CONSTANTS),
+                FORCE_IMAGE_SIZE: self.vision.image_size,
+                VISION_SECTION: self.vision.to_dict(),
+                LLM_SECTION: self.llm.to_dict(),
+                SAGE_SECTION: {f.name: getattr(self, f.name) for f in _SAGE_FIELDS}}
 
     def save(self, path: str | Path) -> None:
         """Write config.json into directory `path`."""
@@ -253,32 +220,22 @@ class SageConfig:
         (Path(path) / "config.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
 
-_SAGE_FIELD_NAMES = ("adapter_norm_eps", "n_facts", "top_k", "fusion_heads", "max_fact_tokens",
-                     "selection", "facts_mode")
-_SAGE_FIELDS = [f for f in dataclasses.fields(SageConfig) if f.name in _SAGE_FIELD_NAMES]
+_SAGE_FIELDS = [f for f in dataclasses.fields(SageConfig) if f.name in SAGE_FIELD_NAMES]
 
-# Keys that a published config.json carries and that SAGE deliberately ignores: the generic
-# `transformers.PretrainedConfig` dump, InternVL's training switches and MoE leftovers of
-# InternViT. Any key outside this list and outside the mapped ones is an error.
-IGNORED_KEYS = frozenset("""
-_name_or_path _commit_hash _attn_implementation_autoset add_cross_attention architectures
-attn_implementation auto_map bad_words_ids begin_suppress_tokens bos_token_id chunk_size_feed_forward
-cross_attention_hidden_size decoder_start_token_id diversity_penalty do_sample dtype
-early_stopping encoder_no_repeat_ngram_size eos_token_id exponential_decay_length_penalty
-finetuning_task forced_bos_token_id forced_eos_token_id id2label is_decoder is_encoder_decoder
-label2id length_penalty max_length min_length model_type no_repeat_ngram_size num_beam_groups
-num_beams num_return_sequences output_attentions output_hidden_states output_scores
-pad_token_id prefix problem_type pruned_heads remove_invalid_values repetition_penalty
-return_dict return_dict_in_generate sep_token_id suppress_tokens task_specific_params
-temperature tf_legacy_loss tie_encoder_decoder tokenizer_class top_k top_p torch_dtype
-torchscript transformers_version typical_p use_bfloat16 use_cache
-attention_bias attention_dropout mlp_bias pretraining_tp initializer_range
-head_dim use_flash_attn use_backbone_lora use_llm_lora pad2square dropout
-capacity_factor eval_capacity_factor laux_allreduce moe_coeff_ratio moe_intermediate_size
-moe_output_scale noisy_gate_policy num_experts num_routed_experts num_shared_experts
-shared_expert_intermediate_size use_moe use_residual use_rts use_weighted_residual
-img_context_token_id 
-""".split())
+
+# ----------------------------------------------------------------------------- config.json
+
+
+def read_config_json(path: str | Path, expected: str) -> tuple[dict, Path]:
+    """-> (content, file) of `path`/config.json (or the file itself); errors name the file."""
+    path = Path(path)
+    file = path / "config.json" if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no config.json (expected {expected})")
+    try:
+        return json.loads(file.read_text()), file
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: line {e.lineno}: invalid JSON: {e.msg}") from None
 
 
 class _Reader:
@@ -289,13 +246,11 @@ class _Reader:
             raise ValueError(f"{source}: {prefix or 'top level'} must be a JSON object")
         self.section, self.source, self.prefix, self.taken = section, source, prefix, set()
 
-    _MISSING = object()
-
-    def take(self, key: str, default: Any = _MISSING) -> Any:
+    def take(self, key: str, default: Any = REQUIRED) -> Any:
         self.taken.add(key)
         if key in self.section:
             return self.section[key]
-        if default is _Reader._MISSING:
+        if default is REQUIRED:
             raise KeyError(f"{self.source}: missing required key '{self.prefix}{key}'")
         return default
 
@@ -303,37 +258,46 @@ class _Reader:
         unknown = sorted(k for k in self.section if k not in self.taken and k not in IGNORED_KEYS)
         if unknown:
             raise KeyError(f"{self.source}: unknown key(s) {[self.prefix + k for k in unknown]}; "
-                           "map them in SageConfig.from_dict or list them in "
-                           "sage.config.IGNORED_KEYS")
+                           "map them in the tables of sage.names or list them in "
+                           "sage.names.IGNORED_KEYS")
+
+
+def _read_fields(r: _Reader, table: tuple, given: dict | None = None) -> dict:
+    """Our field -> value for every (published key, field, default) row of a sage.names table;
+    `given` fields take their value from elsewhere (the key is still consumed)."""
+    given = given or {}
+    out = {}
+    for key, name, default in table:
+        value = r.take(key, None if name in given else default)
+        out[name] = given.get(name, value)
+    return out
+
+
+def _check_constants(r: _Reader, constants: dict) -> None:
+    """A constant the code relies on (hidden_act, biases) must have its one supported value."""
+    for key, want in constants.items():
+        if key in ("architectures", "model_type"):
+            continue  # names only: checked where they matter (_llm_from) or ignored
+        got = r.take(key, want)
+        _check(got == want, f"{r.source}: {r.prefix}{key}={got!r}: only {want!r} is supported")
+
+
+def _write_fields(cfg: Any, table: tuple, constants: dict) -> dict:
+    """config.json content of one section: the constants, then every table row's value."""
+    return {**constants, **{key: getattr(cfg, name) for key, name, _ in table}}
 
 
 def _vision_from(vis: _Reader, image_size: int | None = None) -> VisionConfig:
-    image_size = image_size or vis.take("image_size")
-    vis.take("image_size", None)
-    hidden_act = vis.take("hidden_act", "gelu")
-    _check(hidden_act == "gelu", f"{vis.source}: {vis.prefix}hidden_act={hidden_act!r}: "
-           "only exact 'gelu' is supported")
-    return VisionConfig(
-        image_size=image_size,
-        patch_size=vis.take("patch_size"),
-        n_channels=vis.take("num_channels", 3),
-        dim=vis.take("hidden_size"),
-        n_layers=vis.take("num_hidden_layers"),
-        n_heads=vis.take("num_attention_heads"),
-        ffn_dim=vis.take("intermediate_size"),
-        norm_type=vis.take("norm_type", "rms_norm"),  # absent in InternViT-6B's config.json
-        norm_eps=vis.take("layer_norm_eps"),
-        use_qk_norm=vis.take("qk_normalization"),
-        qkv_bias=vis.take("qkv_bias"),
-        layer_scale_init=vis.take("initializer_factor", 0.1),
-        drop_path_rate=vis.take("drop_path_rate", 0.0),
-    )
+    _check_constants(vis, VISION_CONSTANTS)
+    return VisionConfig(**_read_fields(vis, VISION_FIELDS,
+                                       {"image_size": image_size} if image_size else None))
 
 
 def _llm_from(llm: _Reader) -> LLMConfig:
-    arch = llm.take("architectures", ["LlamaForCausalLM"])
+    arch = llm.take("architectures", None) or LLM_CONSTANTS["architectures"]
     _check(any("Llama" in a for a in arch), f"{llm.source}: {llm.prefix}architectures={arch}: "
            "only Llama-architecture language models are supported")
+    _check_constants(llm, LLM_CONSTANTS)
     rope_scaling = llm.take("rope_scaling", None)
     _check(rope_scaling is None, f"{llm.source}: {llm.prefix}rope_scaling={rope_scaling}: "
            "RoPE scaling is not implemented")
@@ -341,21 +305,13 @@ def _llm_from(llm: _Reader) -> LLMConfig:
     rope = llm.take("rope_parameters", None) or {}
     _check(rope.get("rope_type", "default") == "default", f"{llm.source}: {llm.prefix}"
            f"rope_parameters={rope}: RoPE scaling is not implemented")
-    hidden_act = llm.take("hidden_act", "silu")
-    _check(hidden_act == "silu", f"{llm.source}: {llm.prefix}hidden_act={hidden_act!r}: "
-           "only 'silu' (SwiGLU) is supported")
-    return LLMConfig(
-        vocab_size=llm.take("vocab_size"),
-        dim=llm.take("hidden_size"),
-        n_layers=llm.take("num_hidden_layers"),
-        n_heads=llm.take("num_attention_heads"),
-        n_kv_heads=llm.take("num_key_value_heads", llm.section.get("num_attention_heads")),
-        ffn_dim=llm.take("intermediate_size"),
-        norm_eps=llm.take("rms_norm_eps"),
-        rope_theta=float(llm.take("rope_theta", rope.get("rope_theta", 10000.0))),
-        max_seq_len=llm.take("max_position_embeddings"),
-        tie_embeddings=llm.take("tie_word_embeddings", False),
-    )
+    kw = _read_fields(llm, LLM_FIELDS)
+    if kw["n_kv_heads"] is None:
+        kw["n_kv_heads"] = kw["n_heads"]  # no GQA
+    if kw["rope_theta"] is None:
+        kw["rope_theta"] = rope.get("rope_theta", 10000.0)
+    kw["rope_theta"] = float(kw["rope_theta"])
+    return LLMConfig(**kw)
 
 
 def vision_config_from_dict(d: dict, source: str = "config.json") -> VisionConfig:

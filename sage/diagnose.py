@@ -1,9 +1,9 @@
 """Diagnostics of a model on SFE records, by teacher forcing (no generation, no judge).
 
-    python -m sage.diagnose --model runs/quickstart/sfe/export --data data/synthad \
+    python -m sage.tools.diagnose --model runs/quickstart/sfe/export --data data/synthad \\
         --split sfe_train --limit 64 [--swap_images]
 
-Prints
+The command prints
 - the decision: mean loss (nats) of the answer's first Yes/No token (SynthAD states it after
   the evidence), against the mean loss of the other answer tokens, and how often the decision
   is the argmax (ln 2 = 0.693 nats is a coin flip between Yes and No). With --swap_images
@@ -18,15 +18,11 @@ Prints
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-import sage
-from sage.data import Collator, SFEDataset, load_jsonl
+from sage.data import Collator, SFEDataset
 from sage.losses import IGNORE_INDEX, answer_logprobs
 
 
@@ -163,42 +159,3 @@ def perception_auroc(model, records: list[dict], root: str, setting: str,
     normal = [x for x, r in zip(scores, pairs) if not r["truth"]["anomalous"]]
     anomalous = [x for x, r in zip(scores, pairs) if r["truth"]["anomalous"]]
     return auroc(normal, anomalous)
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", required=True, help="InternVL2-layout model directory")
-    p.add_argument("--data", default="data/synthad", help="data root holding the JSONL splits")
-    p.add_argument("--split", default="sfe_train", help="JSONL split")
-    p.add_argument("--limit", type=int, default=64, help="first N records")
-    p.add_argument("--swap_images", action="store_true",
-                   help="also measure with each record's images taken from another group")
-    args = p.parse_args(argv)
-
-    model = sage.load_pretrained(args.model, dtype=torch.float32, device="cpu").eval()
-    records = load_jsonl(Path(args.data) / f"{args.split}.jsonl", kind="qa")[:args.limit]
-    setting = "one-shot" if all(r.get("reference_image") for r in records) else "zero-shot"
-    print(f"{args.model} on {len(records)} records of {args.split} ({setting}); "
-          f"facts_mode {model.cfg.facts_mode}")
-    runs = {"images as recorded": records}
-    if args.swap_images:
-        runs["images of another group"] = swap_images(records)
-    for name, recs in runs.items():
-        d = decision_report(model, recs, args.data, setting)
-        print(f"{name}: decision token {d['decision_nats']:.3f} nats (ln 2 = 0.693), argmax "
-              f"right {100 * d['decision_argmax_acc']:.1f}%; other answer tokens "
-              f"{d['rest_nats']:.3f} nats")
-    if all("anomalous" in (r.get("truth") or {}) for r in records):
-        a = perception_auroc(model, records, args.data, setting)
-        print(f"perception: the normal explanation's log-prob tells normal from anomalous "
-              f"pairs with AUROC {a:.3f} (0.5 = blind)")
-    if model.cfg.facts_mode == "fe" and setting == "one-shot":
-        s = fact_token_similarity(model, records[:16], args.data)
-        print(f"fact tokens: cosine across images {s['fact_cos_across_images']:.5f}, one-shot "
-              f"vs zero-shot {s['fact_cos_one_vs_zero_shot']:.5f} (1 = carries nothing "
-              "sample-specific)")
-
-
-if __name__ == "__main__":
-    main()

@@ -5,35 +5,34 @@ image (plain prompt, no facts, no reference); each answer is split into sentence
 first N sentences over all prompts, in prompt order, are the image's facts s_1..s_N. The
 asker is either a local SageModel (`--model DIR`, batched `model.generate`) or an
 OpenAI-compatible VLM endpoint (`--openai`: images sent as base64 PNG data URLs; the endpoint
-and key come from --base-url / OPENAI_BASE_URL and OPENAI_API_KEY; the key is never logged).
+and key come from --base_url / OPENAI_BASE_URL and OPENAI_API_KEY; the key is never logged).
 
 Cache: JSONL, one line per test image, keyed by the record's test_image path:
     {"test_image": "images/washer/00042.png", "facts": ["...", ...], "source": "openai:gpt-4o"}
 Each image's line is appended and flushed as soon as it is answered, so an interrupted run
 resumes where it stopped; a cached image is never asked again.
 
-    python -m sage.facts --data data/train.jsonl --out data/facts.jsonl --model weights/base
-    python -m sage.facts --data data/train.jsonl --out data/facts.jsonl --openai \\
-        --model-name gpt-4o --n-facts 8 --fill        # adds "facts" to data/train.jsonl
+    python -m sage.tools.facts --data data/train.jsonl --out data/facts.jsonl --model weights/base
+    python -m sage.tools.facts --data data/train.jsonl --out data/facts.jsonl --openai \\
+        --model_name gpt-4o --n_facts 8 --fill        # adds "facts" to data/train.jsonl
 """
 
 from __future__ import annotations
 
-import argparse
 import base64
 import dataclasses
 import io
 import json
 import os
 import re
-import sys
 from pathlib import Path
 from typing import Callable, Iterable
 
-import torch
-
+from sage.data.collate import Collator
+from sage.data.images import load_image_for, open_rgb
 from sage.data.prompts import FACT_PROMPTS
-from sage.data.schema import load_jsonl, warn, write_jsonl
+from sage.data.schema import warn, write_jsonl
+from sage.inference import generate_answers
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
@@ -111,36 +110,21 @@ def model_asker(model, root: Path, max_new_tokens: int = 128) -> Callable:
     `model` exposes `cfg` (SageConfig), `tokenizer` and `generate(batch, max_new_tokens)` as
     SageModel does. The prompts are plain VLM prompts (facts_mode "none", zero-shot).
     """
-    from sage.data.collate import Collator
-    from sage.data.images import load_image
-
     tok = model.tokenizer
     if tok is None:
         raise ValueError("the model has no tokenizer (tokenizer.model missing in its directory)")
     # the base VLM answers without facts: its prompts carry no <FACT_CONTEXT>
     cfg = dataclasses.replace(model.cfg, facts_mode="none")
-    if getattr(model, "cfg", None) is not None:
-        model.cfg = cfg
-    collate = Collator(tok, cfg, facts_mode="none", for_generation=True)
-    params = list(model.parameters()) if hasattr(model, "parameters") else []
-    device = params[0].device if params else torch.device("cpu")
-    stops = set(getattr(tok, "stop_ids", ()))
+    model.cfg = cfg
+    collate = Collator(tok, cfg, for_generation=True)
 
     def ask(images: list[str]) -> list[list[str]]:
         examples = []
         for img in images:
-            pix = load_image(root / img, cfg.vision.image_size, dynamic=cfg.dynamic_image_size,
-                             max_tiles=cfg.max_dynamic_patch, min_tiles=cfg.min_dynamic_patch,
-                             use_thumbnail=cfg.use_thumbnail)
+            pix = load_image_for(root / img, cfg)
             examples += [{"id": f"{img}#{k}", "question": q, "pixel_test": pix}
                          for k, q in enumerate(FACT_PROMPTS)]
-        batch = collate(examples)
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        out = model.generate(batch, max_new_tokens=max_new_tokens)  # (B, n_new)
-        texts = []
-        for row in out.tolist():
-            cut = next((i for i, t in enumerate(row) if t in stops), len(row))
-            texts.append(tok.decode(row[:cut]).strip())
+        texts = generate_answers(model, examples, collate, max_new_tokens=max_new_tokens)
         P = len(FACT_PROMPTS)
         return [texts[i * P:(i + 1) * P] for i in range(len(images))]
 
@@ -149,8 +133,6 @@ def model_asker(model, root: Path, max_new_tokens: int = 128) -> Callable:
 
 def image_data_url(path: Path) -> str:
     """An image file as a base64 PNG data URL."""
-    from sage.data.images import open_rgb
-
     buf = io.BytesIO()
     open_rgb(path).save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
@@ -218,69 +200,3 @@ def fill_records(records: list[dict], cache: FactCache, n_facts: int, out: Path)
                              f"in {cache.path}")
         filled.append({**r, "facts": cache.facts(r["test_image"])[:n_facts]})
     write_jsonl(filled, out)
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m sage.facts", description=__doc__.split("\n")[0])
-    # data
-    p.add_argument("--data", required=True, help="JSONL records whose test images get facts")
-    p.add_argument("--kind", default="qa", choices=("qa", "general"), help="record kind")
-    p.add_argument("--out", required=True, help="fact cache (JSONL), appended to")
-    p.add_argument("--n-facts", type=int, default=None,
-                   help="N: fact sentences kept per image (default: n_facts of --model's "
-                        "config, else 8 as for InternVL2-40B)")
-    p.add_argument("--fill", nargs="?", const="", default=None,
-                   help="also write the records with their 'facts' field: to this JSONL beside "
-                        "--data, or with no value back into --data (temporary file + rename)")
-    # asker
-    p.add_argument("--model", default=None, help="local SageModel directory (InternVL2 layout)")
-    p.add_argument("--openai", action="store_true", help="ask an OpenAI-compatible endpoint")
-    p.add_argument("--model-name", default="gpt-4o", help="endpoint model name (--openai)")
-    p.add_argument("--base-url", default=None, help="endpoint URL (default: OPENAI_BASE_URL)")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="answer length per prompt")
-    # runtime
-    p.add_argument("--batch-size", type=int, default=4, help="images per generate call (--model)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="device of the local model")
-    p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32",
-                   help="dtype of the local model")
-    a = p.parse_args(argv)
-    if a.model and a.openai:
-        p.error("give either --model DIR or --openai, not both")
-    if a.n_facts is None:
-        from sage.config import SageConfig
-
-        a.n_facts = SageConfig.from_pretrained(a.model).n_facts if a.model else 8
-
-    data = Path(a.data)
-    records = load_jsonl(data, kind=a.kind)
-    root = data.parent
-    cache = FactCache(a.out)
-    ask, source = None, ""
-    todo = [r["test_image"] for r in records if r["test_image"] not in cache]
-    if todo and a.model:
-        import sage
-
-        model = sage.load_pretrained(a.model, dtype=getattr(torch, a.dtype), device=a.device)
-        model.eval()
-        ask, source = model_asker(model, root, a.max_new_tokens), f"model:{a.model}"
-    elif todo and a.openai:
-        ask = openai_asker(root, a.model_name, a.base_url, a.max_new_tokens)
-        source = f"openai:{a.model_name}"
-    try:
-        n = collect_facts((r["test_image"] for r in records), cache, ask, source, a.n_facts,
-                          a.batch_size if a.model else 1)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
-    print(f"facts: {n} image(s) asked, {len(cache)} cached in {a.out}")
-    if a.fill is not None:
-        out = Path(a.fill) if a.fill else data
-        if Path(os.path.abspath(out.parent)) != Path(os.path.abspath(data.parent)):
-            sys.exit(f"error: --fill {out} must be in the folder of --data ({data.parent}) so "
-                     "the records' relative image paths keep their data root")
-        fill_records(records, cache, a.n_facts, out)
-        print(f"wrote {len(records)} records with facts to {out}")
-
-
-if __name__ == "__main__":
-    main()

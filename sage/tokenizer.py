@@ -44,19 +44,26 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from sage.data.prompts import FACT_CONTEXT, IMG_CONTEXT, IMG_END, IMG_START
+from sage.losses import IGNORE_INDEX
 
 UNK = "<unk>"
 BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
+# The placeholders of the prompt (sage.data.prompts): the image span, one <IMG_CONTEXT> per
+# visual token (InternVL2's added token 64000), one <FACT_CONTEXT> per fact token t^s (SAGE's).
+IMG_START = "<img>"
+IMG_END = "</img>"
+IMG_CONTEXT = "<IMG_CONTEXT>"
+FACT_CONTEXT = "<FACT_CONTEXT>"
 GROUNDING_TOKENS = ("<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>")  # InternVL2
 # Every token kept whole when present in the vocabulary (sentencepiece piece or added token).
 SPECIAL_TOKENS = (UNK, BOS, EOS, IM_START, IM_END, IMG_START, IMG_END, IMG_CONTEXT,
                   FACT_CONTEXT) + GROUNDING_TOKENS
 REQUIRED_TOKENS = (UNK, EOS, IM_START, IM_END)  # the template and generation need these
-IGNORE_INDEX = -100  # label of every position the loss skips (Eq. 8: answer tokens only)
+# IGNORE_INDEX (sage.losses): the label of every position the loss skips (Eq. 8), which
+# encode_chat writes for the prompt tokens.
 
 MODEL_FILE = "tokenizer.model"
 ADDED_TOKENS_FILE = "added_tokens.json"
@@ -377,22 +384,3 @@ def _write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """`python -m sage.tokenizer train --corpus FILE --out DIR --vocab_size N`"""
-    import argparse
-
-    p = argparse.ArgumentParser(description="Train the tiny preset's sentencepiece tokenizer.")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("train", help="train tokenizer.model on a text corpus")
-    t.add_argument("--corpus", required=True, help="text file, one sentence per line")
-    t.add_argument("--out", required=True, help="output directory")
-    t.add_argument("--vocab_size", type=int, default=2048, help="upper bound on the vocabulary")
-    args = p.parse_args(argv)
-    tok = Tokenizer.train(args.corpus, args.out, vocab_size=args.vocab_size)
-    print(f"wrote {Path(args.out) / 'tokenizer.model'}: {tok.vocab_size} ids")
-
-
-if __name__ == "__main__":
-    main()

@@ -13,6 +13,7 @@ import sage
 from sage.config import SageConfig
 from sage.data.oracle import extract_decision
 from sage.data.synthad import CATEGORIES, render, yes_no_questions
+from sage.inference import chat
 
 BASE = Path(__file__).resolve().parents[1] / "weights" / "sage-tiny-base"
 
@@ -42,8 +43,8 @@ def test_names_unseen_renders_of_every_category(model):
         v = int(rng.integers(len(cat.variants)))
         img = render(cat, v, model.cfg.vision.image_size, rng, 1.0)
         with torch.no_grad():
-            obj = model.chat(img, "What object is shown in the image?", max_new_tokens=12)
-            col = model.chat(img, f"What colour is the {cat.name}?", max_new_tokens=12)
+            obj = chat(model, img, "What object is shown in the image?", max_new_tokens=12)
+            col = chat(model, img, f"What colour is the {cat.name}?", max_new_tokens=12)
         right += (cat.name in obj) + (cat.variants[v][0] in col)
     assert right >= 2 * len(CATEGORIES) - 2, right
 
@@ -60,7 +61,7 @@ def test_answers_yes_no_questions_on_unseen_renders(model):
         img = render(cat, v, model.cfg.vision.image_size, rng, 1.0)
         for q, a, _ in yes_no_questions(cat, cat.variants[v][0], rng):
             with torch.no_grad():
-                said = model.chat(img, q, max_new_tokens=20)
+                said = chat(model, img, q, max_new_tokens=20)
             right += extract_decision(said) == extract_decision(a)
             total += 1
     assert right >= 0.8 * total, (right, total)

@@ -26,6 +26,8 @@ ONE forward pass: sequences [w_1 .. w_M, l_1 .. l_M] (images repeated), with per
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from sage.config import SageConfig
@@ -52,10 +54,9 @@ class Collator:
 
     def __init__(self, tokenizer, cfg: SageConfig, facts_mode: str | None = None,
                  for_generation: bool = False, max_len: int | None = None):
-        self.tok, self.cfg = tokenizer, cfg
-        self.facts_mode = facts_mode or cfg.facts_mode
-        if self.facts_mode not in ("fe", "hard", "none"):
-            raise ValueError(f"facts_mode={self.facts_mode!r}: expected 'fe', 'hard' or 'none'")
+        if facts_mode is not None and facts_mode != cfg.facts_mode:
+            cfg = dataclasses.replace(cfg, facts_mode=facts_mode)  # __post_init__ validates it
+        self.tok, self.cfg, self.facts_mode = tokenizer, cfg, cfg.facts_mode
         self.for_generation = for_generation
         self.max_len = max_len or cfg.llm.max_seq_len
 

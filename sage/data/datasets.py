@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from sage.config import SageConfig
-from sage.data.images import load_image
+from sage.data.images import load_image_for
 
 SETTINGS = ("one-shot", "zero-shot")
 
@@ -45,10 +45,7 @@ class RecordDataset(Dataset):
 
     def load(self, rel: str) -> torch.Tensor:
         """Record image path (relative to root) -> (tiles, 3, S, S) with the config's tiling."""
-        c = self.cfg
-        return load_image(self.root / rel, c.vision.image_size, dynamic=c.dynamic_image_size,
-                          max_tiles=c.max_dynamic_patch, min_tiles=c.min_dynamic_patch,
-                          use_thumbnail=c.use_thumbnail)
+        return load_image_for(self.root / rel, self.cfg)
 
     def example(self, i: int) -> dict:
         rec = self.records[i]

@@ -7,6 +7,7 @@ has more than half its pixel area), resize to (cols*S, rows*S), cut into cols*ro
 raster order, and append a whole-image thumbnail when use_thumbnail and more than one tile.
 
     pixels = load_image("images/washer/00042.png", 448, dynamic=True)   # (tiles, 3, 448, 448)
+    pixels = load_image_for("images/washer/00042.png", cfg)   # a SageConfig's size and tiling
 """
 
 from __future__ import annotations
@@ -88,3 +89,11 @@ def load_image(image: str | Path | Image.Image, image_size: int, dynamic: bool =
     tiles = (dynamic_tiles(img, image_size, min_tiles, max_tiles, use_thumbnail)
              if dynamic else [img])
     return torch.stack([to_tensor(t, image_size) for t in tiles])  # (tiles, 3, S, S)
+
+
+def load_image_for(image: str | Path | Image.Image, cfg) -> torch.Tensor:
+    """load_image with a SageConfig's fields: tile size and InternVL's dynamic tiling switches
+    (dynamic_image_size, max/min_dynamic_patch, use_thumbnail) -> (tiles, 3, S, S)."""
+    return load_image(image, cfg.vision.image_size, dynamic=cfg.dynamic_image_size,
+                      max_tiles=cfg.max_dynamic_patch, min_tiles=cfg.min_dynamic_patch,
+                      use_thumbnail=cfg.use_thumbnail)

@@ -12,10 +12,7 @@ The chat template around this message lives in `sage.tokenizer` (Hermes-2, DESIG
 
 from __future__ import annotations
 
-IMG_START = "<img>"
-IMG_END = "</img>"
-IMG_CONTEXT = "<IMG_CONTEXT>"
-FACT_CONTEXT = "<FACT_CONTEXT>"
+from sage.tokenizer import FACT_CONTEXT, IMG_CONTEXT, IMG_END, IMG_START  # the tokenizer's own
 # Paper §3.1: the question is augmented with this auxiliary instruction.
 AUX_PROMPT = "Above is the feature related to the anomaly facts."
 
@@ -52,7 +49,7 @@ def build_user_message(question: str, n_image_tokens: int, facts_mode: str = "fe
         if not facts:
             raise ValueError("facts_mode 'hard' needs the fact sentences (record field 'facts')")
         parts.append("Facts: " + " ".join(f.strip() for f in facts) + "\n" + AUX_PROMPT + "\n")
-    elif facts_mode != "none":
-        raise ValueError(f"facts_mode={facts_mode!r}: expected 'fe', 'hard' or 'none'")
+    else:  # a facts_mode comes from a SageConfig, whose __post_init__ validates it
+        assert facts_mode == "none", f"facts_mode={facts_mode!r}"
     parts.append(question.strip())
     return "".join(parts)

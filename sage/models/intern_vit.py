@@ -20,7 +20,6 @@ Images of another size than cfg.image_size get bicubically interpolated patch po
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -28,7 +27,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from sage.config import VisionConfig, vision_config_from_dict
+from sage.checkpoint import load_into
+from sage.config import VisionConfig
+from sage.models.norm import RMSNorm
+from sage.names import INTERNVIT_KEY_MAP
 
 # ----------------------------------------------------------------------------- pure helpers
 
@@ -63,24 +65,6 @@ def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- modules
-
-
-class RMSNorm(nn.Module):
-    """y = w * x / sqrt(mean(x^2) + eps); statistics in fp32, cast back before the weight
-    (InternVL's InternRMSNorm)."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.empty(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
-
-    def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
 
 
 def make_norm(cfg: VisionConfig, dim: int) -> nn.Module:
@@ -237,16 +221,7 @@ class InternViT(nn.Module):
         then materialises on `device` (default CPU) in `dtype` (default: torch's default dtype)
         and streams the tensors in. Returned in eval() mode (drop path off).
         """
-        from sage.checkpoint import INTERNVIT_KEY_MAP, load_into  # checkpoint imports models
-
-        file = Path(directory) / "config.json"
-        if not file.is_file():
-            raise FileNotFoundError(f"{file}: no config.json (expected an InternViT directory)")
-        try:
-            raw = json.loads(file.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{file}: line {e.lineno}: invalid JSON: {e.msg}") from None
-        cfg = vision_config_from_dict(raw, source=str(file))
+        cfg = VisionConfig.from_pretrained(directory)
         with torch.device("meta"):
             model = cls(cfg)
         load_into(model, directory, INTERNVIT_KEY_MAP, dtype=dtype, strict=True, device=device)

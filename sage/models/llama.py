@@ -15,7 +15,6 @@ heads, D = head_dim, V vocabulary.   input_ids (B, T) -> logits (B, T, V)
 from __future__ import annotations
 
 import contextlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +24,11 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
-from sage.config import LLMConfig, llm_config_from_dict
+from sage.checkpoint import load_into
+from sage.config import LLMConfig
+from sage.models.norm import RMSNorm
+from sage.names import LLAMA_KEY_MAP
+from sage.safetensors_io import checkpoint_dtype
 
 # ----------------------------------------------------------------------------- pure helpers
 
@@ -112,20 +115,6 @@ class KVCache:
 
 
 # ----------------------------------------------------------------------------- modules
-
-
-class RMSNorm(nn.Module):
-    """y = w * x / sqrt(mean(x^2) + eps), computed in fp32, cast back before the weight (as HF)."""
-
-    def __init__(self, dim: int, eps: float = 1e-5):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))  # free under meta; init_weights resets it
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -352,16 +341,7 @@ class Llama(nn.Module):
         then materialises on `device` (default CPU) in `dtype` (default: the checkpoint's own,
         as sage.load_pretrained) and streams the tensors in. Returned in eval().
         """
-        from sage.checkpoint import LLAMA_KEY_MAP, checkpoint_dtype, load_into  # imports models
-
-        file = Path(path) / "config.json"
-        if not file.is_file():
-            raise FileNotFoundError(f"{file}: no config.json (expected a Hugging Face Llama dir)")
-        try:
-            raw = json.loads(file.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{file}: line {e.lineno}: invalid JSON: {e.msg}") from None
-        cfg = llm_config_from_dict(raw, source=str(file))
+        cfg = LLMConfig.from_pretrained(path)
         with torch.device("meta"):
             model = cls(cfg)
         load_into(model, path, LLAMA_KEY_MAP, dtype=dtype or checkpoint_dtype(path),

@@ -10,14 +10,20 @@ One forward pass (DESIGN §1):
   7. LLM: logits, Eq. 8 answer cross-entropy; generation (Eq. 10) with the KV cache.
 Zero-shot (no reference): keys = values = all test tokens. facts_mode "hard"/"none" skip 2-5.
 
-    model = sage.load_pretrained("weights/sage-tiny-base"); print(model.chat(img, "Any defect?"))
+    model = SageModel.from_pretrained("weights/sage-tiny-base")   # = sage.load_pretrained
+    print(sage.inference.chat(model, img, "Any defect?"))
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 
+from sage.checkpoint import load_into
 from sage.config import SageConfig
 from sage.kernels import topk_cosine
 from sage.losses import answer_cross_entropy
@@ -25,12 +31,14 @@ from sage.models.adapter import Adapter, pixel_shuffle
 from sage.models.fusion import FactProjection, FusionAttention, difference_features
 from sage.models.intern_vit import InternViT
 from sage.models.llama import Llama
+from sage.names import INTERNVL_KEY_MAP
+from sage.safetensors_io import checkpoint_dtype, read_checkpoint_index
+from sage.tokenizer import Tokenizer
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Global pooling of fact token embeddings (paper §3.2): x (..., L, C), mask (..., L) -> (..., C).
-
-    Accumulates in fp32; an all-pad sentence pools to zeros instead of NaN.
+    """Global pooling of fact token embeddings (paper §3.2): x (..., L, C), mask (..., L)
+    -> (..., C). Accumulates in fp32; an all-pad sentence pools to zeros instead of NaN.
     """
     m = mask.to(torch.float32).unsqueeze(-1)  # (..., L, 1)
     total = (x.float() * m).sum(-2)  # (..., C)
@@ -98,9 +106,8 @@ class SageModel(nn.Module):
     # -------------------------------------------------------------- vision
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixel_values (n_tiles, 3, S, S) -> visual tokens v (n_tiles, T, C), T = cfg.n_image_tokens.
-
-        InternViT runs without autograd when it is frozen (DESIGN §2); the adapter always with it.
+        """pixel_values (n_tiles, 3, S, S) -> visual tokens v (n_tiles, T, C), T =
+        cfg.n_image_tokens. InternViT runs without autograd when it is frozen (DESIGN §2); the adapter always with it.
         """
         vit_trainable = any(p.requires_grad for p in self.vision.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and vit_trainable):
@@ -180,7 +187,8 @@ class SageModel(nn.Module):
         return x
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> logits (B, T, V), Eq. 8 answer cross-entropy summed per example (B,), answer tokens (B,)."""
+        """-> logits (B, T, V), Eq. 8 answer cross-entropy summed per example (B,), answer
+        tokens (B,)."""
         x = self.assemble(batch)
         mask = batch["attention_mask"]
         # Right padding (training batches) cannot change a causal model's outputs at real
@@ -208,28 +216,42 @@ class SageModel(nn.Module):
                                  top_p=top_p, generator=generator, use_cache=use_cache,
                                  pad_id=self._tokenizer.pad_id)
 
-    def chat(self, test_image, question: str, reference_image=None, facts=None,
-             **gen) -> str:
-        """One answer for one question: images are paths or PIL images; facts a list of str."""
-        from sage.data.collate import Collator
-        from sage.data.images import load_image
+    # -------------------------------------------------------------- loading
 
-        cfg = self.cfg
-        mode = cfg.facts_mode
-        if mode in ("fe", "hard") and not facts:
-            raise ValueError(f"facts_mode {mode!r} needs facts (a list of fact sentences); "
-                             "produce them with `python -m sage.facts`")
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | None = None,
+                        device: torch.device | str | None = None,
+                        strict: bool = True) -> "SageModel":
+        """SageModel from an InternVL2-layout directory (+ SAGE's `sage.*` keys if present).
 
-        def pix(img):
-            return load_image(img, cfg.vision.image_size, dynamic=cfg.dynamic_image_size,
-                              max_tiles=cfg.max_dynamic_patch, min_tiles=cfg.min_dynamic_patch,
-                              use_thumbnail=cfg.use_thumbnail)
+        Config from config.json, vocab_size from the checkpoint's embedding table (InternVL2 adds
+        tokens after Yi's 64000); built on meta, materialised on `device` (default CPU) in
+        `dtype` (default: the checkpoint's), filled by sage.checkpoint.load_into. Fusion /
+        projection head keys may be absent (plain InternVL2): they are initialised and listed in
+        `model.load_report`. The tokenizer is attached when tokenizer.model is present.
+        Returned in eval().
+        """
+        path = Path(path)
+        with torch.device("meta"):
+            model = cls(cls.config_for(path, read_checkpoint_index(path)))
+        model.load_report = load_into(model, path, INTERNVL_KEY_MAP,
+                                      dtype=dtype or checkpoint_dtype(path), strict=strict,
+                                      new_ok=("fusion.", "fact_proj."), device=device)
+        model.attach_tokenizer(path)
+        return model.eval()
 
-        example = {"id": "chat", "question": question, "facts": facts or [],
-                   "pixel_test": pix(test_image),
-                   "pixel_ref": None if reference_image is None else pix(reference_image)}
-        batch = Collator(self._tokenizer, cfg, for_generation=True)([example])
-        device = self.adapter.fc1.weight.device
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        out = self.generate(batch, **gen)
-        return self._tokenizer.decode(out[0].tolist())
+    @staticmethod
+    def config_for(path: str | os.PathLike, ckpt: dict) -> SageConfig:
+        """The config of checkpoint directory `path`: its config.json, with vocab_size from the
+        embedding table in `ckpt` (read_checkpoint_index), which InternVL2 makes larger."""
+        cfg = SageConfig.from_pretrained(path)
+        emb = ckpt.get("language_model.model.embed_tokens.weight")
+        if emb is not None and emb.shape[0] != cfg.llm.vocab_size:
+            cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm,
+                                                                   vocab_size=emb.shape[0]))
+        return cfg
+
+    def attach_tokenizer(self, path: str | os.PathLike) -> None:
+        """Attach the tokenizer of directory `path` if it has a tokenizer.model."""
+        if (Path(path) / "tokenizer.model").is_file():
+            self.tokenizer = Tokenizer.from_pretrained(path)
