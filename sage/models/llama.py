@@ -224,12 +224,16 @@ class Llama(nn.Module):
     def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None,
                   device: torch.device | None = None) -> KVCache:
         """Empty KVCache for max_len positions (prompt + new tokens); dtype/device default to
-        the parameters' (generate passes the compute dtype)."""
+        the parameters' (generate passes the compute dtype). Each layer holds the KV heads its
+        attention computes: all of them, or this rank's share under tensor parallelism."""
         p = self.embed_tokens.weight
-        shape = (batch_size, self.cfg.n_kv_heads, max_len, self.cfg.head_dim)
         kw = dict(dtype=dtype or p.dtype, device=device or p.device)
-        return KVCache([torch.zeros(shape, **kw) for _ in self.layers],
-                       [torch.zeros(shape, **kw) for _ in self.layers])
+
+        def buffer(layer: Block) -> torch.Tensor:
+            shape = (batch_size, layer.self_attn.n_kv_heads, max_len, self.cfg.head_dim)
+            return torch.zeros(shape, **kw)
+
+        return KVCache([buffer(b) for b in self.layers], [buffer(b) for b in self.layers])
 
     def forward(self, input_ids: torch.Tensor | None = None,
                 inputs_embeds: torch.Tensor | None = None,
