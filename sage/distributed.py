@@ -156,8 +156,10 @@ def shard_model(model: SageModel, device: torch.device, bf16: bool | None = None
         kw["offload_policy"] = CPUOffloadPolicy()
     model.vision.grad_checkpointing = activation_checkpointing
     model.llm.grad_checkpointing = activation_checkpointing
-    if bf16:  # the frozen InternViT is kept in bf16 (no fp32 master copy is needed)
-        model.vision.to(torch.bfloat16)
+    if bf16:  # frozen weights are kept in bf16 (no fp32 master copy is needed): InternViT,
+        # and the whole E-DPO reference model (as sage.plan counts it)
+        frozen = not any(p.requires_grad for p in model.parameters())
+        (model if frozen else model.vision).to(torch.bfloat16)
     for unit in fsdp_units(model):
         # norm + lm_head (the list) run last in the forward, first in the backward: stay gathered
         fully_shard(unit, **kw, **({"reshard_after_forward": False} if isinstance(unit, list)

@@ -19,7 +19,8 @@ import torch
 from sage.data.collate import Collator
 from sage.data.images import load_image_for
 
-__all__ = ["to_device", "model_device", "load_image_for", "generate_answers", "chat"]
+__all__ = ["to_device", "model_device", "nonfinite_parameters", "load_image_for",
+           "generate_answers", "chat"]
 
 
 def to_device(batch: dict, device: torch.device | str) -> dict:
@@ -32,6 +33,14 @@ def model_device(model) -> torch.device:
     params = model.parameters() if hasattr(model, "parameters") else iter(())
     p = next(iter(params), None)
     return p.device if p is not None else torch.device("cpu")
+
+
+@torch.no_grad()
+def nonfinite_parameters(model) -> list[str]:
+    """Names of parameters holding NaN or inf (this rank's shard of a sharded model): such a
+    checkpoint generates empty or garbage answers without any other sign."""
+    return [n for n, p in model.named_parameters()
+            if not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()]
 
 
 @torch.no_grad()

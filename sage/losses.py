@@ -118,6 +118,18 @@ class _TokenLogProbs(torch.autograd.Function):
         return grad_x, None, None
 
 
+def sequence_logprobs(rows: torch.Tensor, targets: torch.Tensor, sequence: torch.Tensor,
+                      n_sequences: int, chunk_size: int = 1024) -> torch.Tensor:
+    """log pi(a|x) per sequence from the logits at its answer tokens only.
+
+    rows (N, V) the logits that predict the N answer tokens, targets (N,) those tokens,
+    sequence (N,) which of the n_sequences each belongs to -> (n_sequences,) float32.
+    """
+    token_lp = _TokenLogProbs.apply(rows, targets, chunk_size)  # (N,)
+    out = torch.zeros(n_sequences, dtype=torch.float32, device=rows.device)
+    return out.index_add(0, sequence, token_lp)  # (n_sequences,)
+
+
 def answer_logprobs(logits: torch.Tensor, labels: torch.Tensor,
                     chunk_size: int = 1024) -> torch.Tensor:
     """Sequence log-prob log pi(a|x) = sum over answer tokens of log p(token), per example.
@@ -133,10 +145,8 @@ def answer_logprobs(logits: torch.Tensor, labels: torch.Tensor,
     targets = labels[:, 1:]  # (B, T-1): token t+1 is predicted at t
     mask = targets != IGNORE_INDEX  # (B, T-1)
     rows = logits[:, :-1][mask]  # (N, V) answer positions only
-    token_lp = _TokenLogProbs.apply(rows, targets[mask], chunk_size)  # (N,)
     example = mask.nonzero()[:, 0]  # (N,) which example each answer token belongs to
-    out = torch.zeros(labels.shape[0], dtype=torch.float32, device=logits.device)
-    return out.index_add(0, example, token_lp)  # (B,)
+    return sequence_logprobs(rows, targets[mask], example, labels.shape[0], chunk_size)
 
 
 def answer_cross_entropy(logits: torch.Tensor,

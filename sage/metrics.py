@@ -80,6 +80,15 @@ def mle_means(preds: list[dict]) -> dict | None:
             "n_scored": n, "n_failed": failed}
 
 
+def first_groups(records: list[dict], n: int) -> list[dict]:
+    """The first n records (file order) and the rest of the last group they reach: --limit
+    never cuts a group of interrelated questions, whose Acc-G needs all of them. n = 0: all."""
+    if n <= 0 or n >= len(records):
+        return list(records)
+    keep = {r["group"] for r in records[:n]}
+    return [r for r in records if r["group"] in keep]
+
+
 def summarize(preds: list[dict], group_size: int | None = None) -> dict:
     """Every number of one (model, setting) evaluation (group_size: see group_accuracy)."""
     sb = [p["sbert"] for p in preds if p.get("sbert") is not None]

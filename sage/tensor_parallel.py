@@ -96,14 +96,16 @@ def shard_tensor_parallel(model: SageModel, tp_mesh: DeviceMesh) -> SageModel:
 
 
 def load_sharded(path: str | os.PathLike, tp_mesh: DeviceMesh, dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None) -> SageModel:
+                 device: torch.device | str | None = None,
+                 cfg: SageConfig | None = None) -> SageModel:
     """SageModel from an InternVL2-layout directory, sharded over tp_mesh for inference.
 
     Built on meta, sharded, materialised, then each rank reads only its own slices from the
     safetensors shards (sage.checkpoint.load_into); no rank ever holds the whole model.
+    cfg: the directory's config with a run's overrides (default: its config.json).
     """
     path = Path(path)
-    cfg = SageModel.config_for(path, read_checkpoint_index(path))
+    cfg = cfg or SageModel.config_for(path, read_checkpoint_index(path))
     with torch.device("meta"):
         model = SageModel(cfg)
     model.to(dtype or checkpoint_dtype(path))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +97,29 @@ def status_line(step: int, total: int, loss: float, lr: float, gnorm: float, dt:
 def eta(seconds_per_step: float, steps_left: int) -> str:
     s = int(seconds_per_step * steps_left)
     return f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s"
+
+
+class Progress:
+    """Progress lines for a long loop: `label: done/total unit | rate unit/s | ETA`, at most
+    one every `every` seconds, and always at the end."""
+
+    def __init__(self, label: str, total: int, unit: str = "items", every: float = 10.0,
+                 printer=print):
+        self.label, self.total, self.unit, self.every, self.printer = (label, total, unit,
+                                                                       every, printer)
+        self.t0 = self.t_last = time.time()
+        self.done = 0
+
+    def update(self, n: int) -> None:
+        self.done += n
+        now = time.time()
+        if now - self.t_last < self.every and self.done < self.total:
+            return
+        self.t_last = now
+        rate = self.done / max(now - self.t0, 1e-9)
+        left = eta(1 / rate, self.total - self.done) if rate > 0 else "--"
+        self.printer(f"{self.label}: {self.done}/{self.total} {self.unit} | "
+                     f"{rate:.2f} {self.unit}/s | ETA {left}")
 
 
 def grad_norm_and_clip(model, max_norm: float) -> float:

@@ -105,3 +105,12 @@ def test_report_counts_unscored_answers_and_group_sizes():
     s = summarize([pred("g", "standard", "yes", "yes")])
     assert s["mle"] is None
     assert "unscored" not in format_report({"Base": {"zero-shot": s}}, ["zero-shot"])
+
+
+def test_first_groups_keeps_whole_groups():
+    from sage.metrics import first_groups
+
+    recs = [{"id": i, "group": g} for i, g in enumerate("aaabbcca")]
+    assert [r["id"] for r in first_groups(recs, 2)] == [0, 1, 2, 7]  # group a, all of it
+    assert [r["id"] for r in first_groups(recs, 4)] == [0, 1, 2, 3, 4, 7]
+    assert first_groups(recs, 0) == recs and first_groups(recs, 99) == recs

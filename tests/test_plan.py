@@ -61,3 +61,38 @@ def test_40b_sfe_suggests_an_option_that_fits():
     p = plan_memory(SageConfig.preset("internvl2-40b"), world=8, gpu_gib=80,
                     activation_checkpointing=False, accumulation=4)
     assert not p.fits and "fits with" in p.notes[0]
+
+
+def test_answer_only_logits_and_packed_edpo_rows():
+    cfg = SageConfig.preset("internvl2-40b")
+    full = plan_memory(cfg, world=8, micro_batch=4, stage="sfe")
+    answers = plan_memory(cfg, world=8, micro_batch=4, stage="sfe", answer_tokens=128)
+    V = cfg.llm.vocab_size
+    # 4 x 2048 tokens of fp32 logits, twice -> 4 x 128 rows of bf16 logits + grad + one chunk
+    saved = (2 * 4 * 4 * 2048 * V - (4 * 4 * 128 * V + 8 * 1024 * V)) / GIB
+    assert full.phases["forward / backward"] - answers.phases["forward / backward"] == \
+        pytest.approx(saved)
+    packed = plan_memory(cfg, world=8, micro_batch=4, stage="edpo", ref_cache=True,
+                         answer_tokens=128)
+    # one row per instance: 2048 + 3 x (128 + 1) tokens, not 2 x 2048
+    assert "9740 tokens" in format_plan(packed)
+
+
+def test_inference_plan_shards_what_tensor_parallel_shards():
+    from sage.plan import inference_weights
+
+    cfg = SageConfig.preset("internvl2-40b")
+    n = count_params(cfg)
+    one, eight = inference_weights(cfg, 1), inference_weights(cfg, 8)
+    assert sum(one.values()) == pytest.approx(sum(n[k] for k in ("vision", "adapter", "llm",
+                                                                  "fusion", "fact_proj")))
+    # InternViT: only the MLPs split (25 heads); the LLM almost exactly 1/8 (norms replicated)
+    v = cfg.vision
+    assert one["vision"] - eight["vision"] == pytest.approx(
+        v.n_layers * (2 * v.dim * v.ffn_dim + v.ffn_dim) * 7 / 8)
+    assert eight["llm"] == pytest.approx(one["llm"] / 8, rel=1e-3)
+    from sage.plan import plan_inference
+
+    p = plan_inference(cfg, tp=8, batch=16, prompt_len=2048, new_tokens=64)
+    kv = 2 * 2 * 16 * 2112 * 60 * 1 * 128 / GIB  # k and v, bf16, 1 of 8 KV heads per rank
+    assert [v for k, v, _ in p.rows if k.startswith("KV cache")] == [pytest.approx(kv)]

@@ -63,3 +63,17 @@ def test_status_line_eta_and_finiteness():
     check_finite(torch.tensor(1.0), 3, ["a"])
     with pytest.raises(FloatingPointError, match=r"non-finite loss nan at step 3; samples: \['a"):
         check_finite(torch.tensor(float("nan")), 3, ["a"])
+
+
+def test_progress_lines(monkeypatch):
+    from sage import training
+
+    clock = iter([0.0, 5.0, 20.0, 30.0])
+    monkeypatch.setattr(training.time, "time", lambda: next(clock))
+    lines = []
+    p = training.Progress("eval", 10, "answers", every=10.0, printer=lines.append)
+    p.update(2)  # t = 5: too soon for a line
+    p.update(4)  # t = 20: 6 done in 20 s -> 0.30 /s, 4 left -> 13 s
+    p.update(4)  # t = 30: done -> always a line
+    assert lines == ["eval: 6/10 answers | 0.30 answers/s | ETA 0h00m13s",
+                     "eval: 10/10 answers | 0.33 answers/s | ETA 0h00m00s"]

@@ -16,10 +16,17 @@ The user turn is sage.data.prompts.build_user_message (test image placeholders: 
 x tiles; then N <FACT_CONTEXT> or the facts as text; then the question); the Hermes-2 chat
 template and label masking are the tokenizer's `encode_chat`.
 
-EDPOCollator lays out the E-DPO pairs (Eq. 5) so that chosen and rejected answers go through
-ONE forward pass: sequences [w_1 .. w_M, l_1 .. l_M] (images repeated), with per pair
-`pair_delta_h` (M,), `pair_index` (M,) (instance in the batch), `pair_kind` ("extreme" |
-"adjacent") and `pair_ranks` (M, 2) (0-based ranks of a_w, a_l).
+EDPOCollator packs each instance into ONE row: its prompt once, then every answer the pairs of
+Eq. 5 need, each as its own segment (`pack`). A segment starts with a copy of the prompt's last
+token at the same position, sees the prompt (without that last token) and itself causally, and
+nothing of the other answers, so each answer's log-prob is exactly the one of the plain
+sequence prompt + answer, while the images and the prompt go through the model once, not once
+per answer (4 times per instance with both pairs; the prompt is most of the tokens). Extra keys:
+`attention_mask` (B, 1, T, T) bool, `position_ids` (B, T), `segments` (B, T) (the sequence each
+token belongs to, -1 for prompt and pad), `n_segments`, `seq_ranks` (S,) (the answer rank of
+each sequence) and per pair `pair_w` / `pair_l` (M,) (its chosen / rejected sequence),
+`pair_delta_h` (M,), `pair_index` (M,), `pair_kind` ("extreme" | "adjacent"), `pair_ranks`
+(M, 2) (0-based ranks of a_w, a_l).
 
     batch = Collator(tok, cfg)(examples); logits, loss_sum, n_tok = model(batch)
 """
@@ -174,12 +181,64 @@ class EDPOCollator(Collator):
                 out.append((b, i, i + 1, float(dh_min[b]), "adjacent"))
         return out
 
+    def pack(self, examples: list[dict], ranks: list[list[int]]) -> dict:
+        """One row per example: the prompt, then answer a_r as a segment for each r in
+        ranks[b] (module docstring) -> batch dict; sequences in (example, rank) order."""
+        rows, labels, positions, segments, seq_ranks, spans = [], [], [], [], [], []
+        for ex, want in zip(examples, ranks):
+            row_ids, row_lab, row_pos, row_seg, row_spans = None, None, None, None, []
+            for r in want:
+                ids, lab = self.encode(ex, ex["answers"][r])
+                n = next((i for i, x in enumerate(lab) if x != IGNORE_INDEX), len(ids))
+                if row_ids is None:  # the prompt, once
+                    row_ids, row_lab = ids[:n], [IGNORE_INDEX] * n
+                    row_pos, row_seg = list(range(n)), [-1] * n
+                elif ids[:n] != row_ids[:n]:
+                    raise ValueError(f"record {ex.get('id')!r}: the prompt tokenizes "
+                                     f"differently before answer {r}; cannot pack its answers")
+                start = len(row_ids)  # the segment: last prompt token again, then the answer
+                row_ids += [ids[n - 1]] + ids[n:]
+                row_lab += [IGNORE_INDEX] + lab[n:]
+                row_pos += list(range(n - 1, n - 1 + len(ids) - n + 1))
+                row_seg += [len(seq_ranks)] * (len(ids) - n + 1)
+                row_spans.append((start, len(row_ids)))
+                seq_ranks.append(r)
+            rows.append(row_ids)
+            labels.append(row_lab)
+            positions.append(row_pos)
+            segments.append(row_seg)
+            spans.append((n, row_spans))
+        batch = self.build(examples, [None] * len(examples))  # images, facts, ids
+        T = max(len(x) for x in rows)
+        batch["input_ids"] = pad_sequences(rows, self.tok.pad_id)  # (B, T)
+        batch["labels"] = pad_sequences(labels, IGNORE_INDEX)  # (B, T)
+        batch["position_ids"] = pad_sequences(positions, 0)  # (B, T)
+        batch["segments"] = pad_sequences(segments, -1)  # (B, T)
+        mask = torch.zeros(len(rows), 1, T, T, dtype=torch.bool)  # (B, 1, T, T)
+        causal = torch.ones(T, T, dtype=torch.bool).tril()  # (T, T)
+        for b, (n, row_spans) in enumerate(spans):
+            mask[b, 0, :n, :n] = causal[:n, :n]  # the prompt: causal
+            for a, e in row_spans:  # a segment: the prompt but its last token, then itself
+                mask[b, 0, a:e, :n - 1] = True
+                mask[b, 0, a:e, a:e] = causal[:e - a, :e - a]
+            pad = torch.arange(len(rows[b]), T)
+            mask[b, 0, pad, pad] = True  # pad rows see themselves (SDPA needs one key)
+        batch["attention_mask"] = mask
+        batch["n_segments"] = len(seq_ranks)
+        batch["seq_ranks"] = torch.tensor(seq_ranks, dtype=torch.long)  # (S,)
+        return batch
+
     def __call__(self, examples: list[dict]) -> dict:
         pairs = self.select_pairs(examples)
-        seq_examples = [examples[b] for b, *_ in pairs] * 2  # images repeated per sequence
-        answers = ([examples[b]["answers"][w] for b, w, _, _, _ in pairs]
-                   + [examples[b]["answers"][l] for b, _, l, _, _ in pairs])
-        batch = self.build(seq_examples, answers)
+        need = [sorted({r for p in pairs if p[0] == b for r in p[1:3]})
+                for b in range(len(examples))]
+        batch = self.pack(examples, need)
+        seq = {}  # (instance, rank) -> sequence index, in pack's order
+        for b, want in enumerate(need):
+            for r in want:
+                seq[(b, r)] = len(seq)
+        batch["pair_w"] = torch.tensor([seq[(p[0], p[1])] for p in pairs], dtype=torch.long)
+        batch["pair_l"] = torch.tensor([seq[(p[0], p[2])] for p in pairs], dtype=torch.long)
         batch["pair_delta_h"] = torch.tensor([p[3] for p in pairs], dtype=torch.float32)  # (M,)
         batch["pair_index"] = torch.tensor([p[0] for p in pairs], dtype=torch.long)  # (M,)
         batch["pair_kind"] = [p[4] for p in pairs]

@@ -239,14 +239,19 @@ class Llama(nn.Module):
                 inputs_embeds: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None,
-                cache: KVCache | None = None, logits_to_keep: int = 0) -> torch.Tensor:
+                cache: KVCache | None = None, logits_to_keep: int = 0,
+                logits_at: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of the next token at each new position.
 
         input_ids (B, T) or inputs_embeds (B, T, C) (exactly one); attention_mask (B, S),
-        S = cache.length + T, 1 = real, 0 = pad; position_ids (B, T), default
-        cumsum(attention_mask) - 1 (so left padding does not shift positions); cache is filled
-        and advanced by T. logits_to_keep > 0 returns only the last that many positions.
-        -> logits (B, T, V) in the parameter dtype.
+        S = cache.length + T, 1 = real, 0 = pad, or a ready (B, 1, T, S) bool mask (True = may
+        attend; a packed batch's own structure, position_ids then required); position_ids
+        (B, T), default cumsum(attention_mask) - 1 (so left padding does not shift positions);
+        cache is filled and advanced by T. logits_to_keep > 0 returns only the last that many
+        positions; logits_at (B, T) bool only those positions, as rows (N, V) in row-major
+        order (training needs logits at answer tokens only: at 40B the whole (B, T, 64k)
+        would be the largest tensor of the step).
+        -> logits (B, T, V) in the parameter dtype, or (N, V) with logits_at.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Llama.forward: pass exactly one of input_ids and inputs_embeds")
@@ -256,7 +261,11 @@ class Llama(nn.Module):
         if cache is not None and start + T > cache.max_len:
             raise ValueError(f"Llama.forward: cache holds {cache.max_len} positions, "
                              f"{start} used + {T} new")
-        if attention_mask is not None and attention_mask.shape != (B, start + T):
+        packed = attention_mask is not None and attention_mask.dim() == 4
+        if packed and (position_ids is None or attention_mask.shape != (B, 1, T, start + T)):
+            raise ValueError(f"Llama.forward: a (B, 1, T, S) mask {tuple(attention_mask.shape)} "
+                             f"needs position_ids and S = cached + new = {start + T}")
+        if not packed and attention_mask is not None and attention_mask.shape != (B, start + T):
             raise ValueError(f"Llama.forward: attention_mask shape {tuple(attention_mask.shape)}, "
                              f"expected (B, cached + new) = ({B}, {start + T})")
         if position_ids is None:
@@ -267,8 +276,8 @@ class Llama(nn.Module):
         cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         # No mask needed for an unpadded prompt from position 0 (SDPA is_causal) or for one
         # unpadded decode step; otherwise an explicit causal + padding mask.
-        mask = None
-        if attention_mask is not None or (start > 0 and T > 1):
+        mask = attention_mask.bool() if packed else None
+        if not packed and (attention_mask is not None or (start > 0 and T > 1)):
             if attention_mask is None:
                 attention_mask = torch.ones(B, start + T, dtype=torch.long, device=x.device)
             mask = attention_mask_4d(attention_mask, T)  # (B, 1, T, S)
@@ -282,7 +291,9 @@ class Llama(nn.Module):
             cache.length = start + T
         if logits_to_keep > 0:
             x = x[:, -logits_to_keep:]
-        return self.lm_head(self.norm(x))  # (B, T, V)
+        if logits_at is not None:
+            x = x[logits_at]  # (N, C)
+        return self.lm_head(self.norm(x))  # (B, T, V) or (N, V)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor | None = None,

@@ -1,6 +1,7 @@
-"""Per-rank GPU memory plan of FSDP2 training, from the config alone (nothing is allocated;
-sage.plan): SFE with and without activation checkpointing, then E-DPO (chosen + rejected)
-with the reference log-probs in memory and cached (train_edpo.py --ref_cache).
+"""Per-rank GPU memory of every job of the recipe, from the config alone (nothing is
+allocated; sage.plan): SFE and E-DPO training (FSDP2 over --world ranks, answer-only logits,
+packed E-DPO rows, activation checkpointing, one micro-batch per step), E-DPO's reference
+pass, evaluation and fact generation (tensor-parallel), each with the options it assumes.
 
     python -m sage.tools.plan --preset internvl2-40b --world 8 --gpu_gib 80 [--json]
 """
@@ -8,48 +9,50 @@ with the reference log-probs in memory and cached (train_edpo.py --ref_cache).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 
 from sage.config import SageConfig
-from sage.plan import format_plan, plan_memory
-from sage.tools.args import Parser
-from sage.training import accumulation_steps
+from sage.plan import format_plan, plan_jobs
+from sage.tools.args import Parser, at_least, positive
+from sage.tools.errors import run_main
 
 
 def main(argv: list[str] | None = None) -> None:
     p = Parser(description=__doc__)
     p.add_argument("--preset", default="internvl2-40b", help="SageConfig preset")
-    p.add_argument("--world", type=int, default=8, help="number of ranks (GPUs)")
-    p.add_argument("--gpu_gib", type=float, default=80.0, help="memory per GPU (GiB)")
-    p.add_argument("--seq_len", type=int, default=2048, help="tokens per sample")
-    p.add_argument("--global_batch", type=int, default=32, help="samples per optimizer step")
+    p.add_argument("--world", type=at_least(1), default=8, help="number of ranks (GPUs)")
+    p.add_argument("--gpu_gib", type=positive(), default=80.0, help="memory per GPU (GiB)")
+    p.add_argument("--seq_len", type=at_least(1), default=2048,
+                   help="tokens per sequence (prompt with its image tokens + one answer)")
+    p.add_argument("--answer_tokens", type=at_least(1), default=128,
+                   help="answer tokens per sequence (where training computes logits)")
+    p.add_argument("--global_batch", type=at_least(1), default=32,
+                   help="samples (SFE) / instances (E-DPO) per optimizer step")
     p.add_argument("--cpu_offload", action=argparse.BooleanOptionalAction, default=False,
-                   help="FSDP2 CPU offload of params, grads and optimizer state")
+                   help="FSDP2 CPU offload of params, grads and optimizer state (training)")
     p.add_argument("--json", action="store_true", help="print the plans as one JSON object")
     args = p.parse_args(argv)
     try:
-        cfg = SageConfig.preset(args.preset)
-        accum = accumulation_steps(args.global_batch, args.world, 1)  # micro-batch 1
+        jobs = plan_jobs(SageConfig.preset(args.preset), world=args.world,
+                         gpu_gib=args.gpu_gib, global_batch=args.global_batch,
+                         seq_len=args.seq_len, answer_tokens=args.answer_tokens,
+                         cpu_offload=args.cpu_offload)
     except ValueError as e:
         p.error(str(e))
-    common = dict(world=args.world, gpu_gib=args.gpu_gib, micro_batch=1, seq_len=args.seq_len,
-                  cpu_offload=args.cpu_offload, accumulation=accum)
-    plans = {}
-    for ac in (False, True):
-        plans[f"sfe, activation checkpointing {ac}"] = plan_memory(
-            cfg, stage="sfe", activation_checkpointing=ac, **common)
-    for ref_cache in (False, True):
-        plans[f"edpo, reference log-probs {'cached' if ref_cache else 'in memory'}"] = \
-            plan_memory(cfg, stage="edpo", ref_cache=ref_cache, **common)
     if args.json:
-        print(json.dumps({k: dataclasses.asdict(v) for k, v in plans.items()}, indent=2))
+        print(json.dumps({name: {"gib_per_rank": round(plan.total, 2), "fits": plan.fits,
+                                 "budget_gib": plan.budget, **options,
+                                 "rows": {k: round(v, 3) for k, v, _ in plan.rows}}
+                          for name, (plan, options) in jobs.items()}, indent=2))
         return
-    for name, plan in plans.items():
-        print(format_plan(plan, f"{args.preset} {name}; {args.world} ranks x {args.gpu_gib:g} "
-                                f"GiB, micro-batch 1 x {accum} accumulation, {args.seq_len} "
-                                "tokens"))
+    for name, (plan, options) in jobs.items():
+        opts = ", ".join(f"{k} {v}" for k, v in options.items())
+        print(format_plan(plan, f"{args.preset} {name}: {args.world} ranks x "
+                                f"{args.gpu_gib:g} GiB; {opts}"))
+    print("\n| job | GiB per rank | fits |\n|---|---:|---|")
+    for name, (plan, options) in jobs.items():
+        print(f"| {name} | {plan.total:.1f} | {'yes' if plan.fits else 'NO'} |")
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

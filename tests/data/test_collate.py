@@ -127,6 +127,31 @@ def test_max_len_truncates_answer_only(tok, cfg):
         Collator(tok, cfg, max_len=50)([example(0)])
 
 
+def segment_answer(batch: dict, seq: int) -> list[int]:
+    """The labelled tokens of packed sequence `seq` (its answer and closing <|im_end|>)."""
+    b = int((batch["segments"] == seq).any(dim=1).nonzero()[0])
+    keep = (batch["segments"][b] == seq) & (batch["labels"][b] != -100)
+    return batch["labels"][b][keep].tolist()
+
+
+def test_packed_rows_position_and_mask(tok, cfg):
+    """A segment restarts at the prompt's last position and sees the prompt (without its last
+    token, which the segment's first token repeats) and itself only."""
+    ex = example(0)
+    batch = EDPOCollator(tok, cfg).pack([ex], [[0, 2]])
+    ids, pos, seg = batch["input_ids"][0], batch["position_ids"][0], batch["segments"][0]
+    mask = batch["attention_mask"][0, 0]
+    n = int((seg >= 0).nonzero()[0])  # prompt length
+    first, second = ((seg == s).nonzero()[:, 0] for s in (0, 1))
+    for span in (first, second):
+        a = int(span[0])
+        assert ids[a] == ids[n - 1] and pos[a] == n - 1  # the prompt's last token again
+        assert pos[span].tolist() == list(range(n - 1, n - 1 + len(span)))
+        assert mask[a, :n - 1].all() and not mask[a, n - 1]  # prompt minus its last token
+    assert not mask[second][:, first].any() and not mask[first][:, second].any()
+    assert mask[:n, :n].equal(torch.ones(n, n, dtype=torch.bool).tril())
+
+
 def test_edpo_pairs_one_forward_layout(tok, cfg):
     e0, e1 = example(0), example(1, tiles=2)
     e0["answers"] = ["Yes. best answer.", "Yes. second.", "No. third.", "No. worst."]
@@ -137,19 +162,23 @@ def test_edpo_pairs_one_forward_layout(tok, cfg):
     e1["mle"] = [[5, 5, 5], [5, 4, 4], [2, 2, 2], [1, 1, 1]]
     batch = EDPOCollator(tok, cfg)([e0, e1])
     M = batch["n_pairs"]
-    assert M == 4 and batch["input_ids"].shape[0] == 2 * M
+    assert M == 4 and batch["input_ids"].shape[0] == 2  # one packed row per instance
     assert batch["pair_index"].tolist() == [0, 0, 1, 1]
     assert batch["pair_kind"] == ["extreme", "adjacent", "extreme", "adjacent"]
     assert batch["pair_ranks"].tolist() == [[0, 3], [1, 2], [0, 3], [2, 3]]
     torch.testing.assert_close(batch["pair_delta_h"][:2], torch.tensor([0.136498, 0.0]),
                                atol=1e-5, rtol=0)
+    # the answers each row needs, once: ranks (0, 1, 2, 3) of e0, (0, 2, 3) of e1
+    assert batch["seq_ranks"].tolist() == [0, 1, 2, 3, 0, 2, 3] and batch["n_segments"] == 7
+    assert batch["pair_w"].tolist() == [0, 1, 4, 5] and batch["pair_l"].tolist() == [3, 2, 6, 6]
     exs = [e0, e0, e1, e1]
     for m, (w, l) in enumerate(batch["pair_ranks"].tolist()):
-        assert answer_of(batch, m, tok) == tok.encode(exs[m]["answers"][w]) + [tok.im_end_id]
-        assert answer_of(batch, M + m, tok) == tok.encode(exs[m]["answers"][l]) + [tok.im_end_id]
-    # images repeated per sequence: tiles (1, 1, 2, 2) for chosen, the same for rejected
-    assert batch["tiles_test"].tolist() == [1, 1, 2, 2] * 2
-    assert batch["pixel_test"].shape[0] == 12 and batch["ids"][:4] == ["ex0", "ex0", "ex1", "ex1"]
+        for seq, r in ((batch["pair_w"][m], w), (batch["pair_l"][m], l)):
+            assert segment_answer(batch, int(seq)) == (tok.encode(exs[m]["answers"][r])
+                                                       + [tok.im_end_id])
+    # images once per instance
+    assert batch["tiles_test"].tolist() == [1, 2] and batch["pixel_test"].shape[0] == 3
+    assert batch["ids"] == ["ex0", "ex1"]
     dpo = EDPOCollator(tok, cfg, pairs="extreme")([e0, e1])
     assert dpo["n_pairs"] == 2 and dpo["pair_kind"] == ["extreme", "extreme"]
     del e1["mle"]

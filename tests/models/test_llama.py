@@ -345,3 +345,19 @@ def test_transformers_loads_our_export(llm, tmp_path):
     back = Llama.from_pretrained(tmp_path / "out")
     assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(),
                                                   llm.state_dict().values()))
+
+
+def test_logits_at_and_a_ready_4d_mask(llm):
+    ids = ids_of(3, 2, 9)
+    with torch.no_grad():
+        full = llm(ids)  # (2, 9, V)
+        at = torch.zeros(2, 9, dtype=torch.bool)
+        at[0, [2, 5]], at[1, 8] = True, True
+        torch.testing.assert_close(llm(ids, logits_at=at), full[at])  # (3, V), row-major
+        # the causal mask written out + explicit positions = the default path
+        causal = torch.ones(9, 9, dtype=torch.bool).tril().expand(2, 1, 9, 9)
+        pos = torch.arange(9).expand(2, 9)
+        torch.testing.assert_close(llm(ids, attention_mask=causal, position_ids=pos), full,
+                                   atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="needs position_ids"):
+        llm(ids, attention_mask=causal)

@@ -59,9 +59,12 @@ def test_plan_cli_json(capsys):
 
     main(["--preset", "internvl2-40b", "--world", "8", "--gpu-gib", "80", "--json"])
     plans = json.loads(capsys.readouterr().out)
-    assert len(plans) == 4
-    sfe = plans["sfe, activation checkpointing True"]
-    assert sfe["budget"] == pytest.approx(72.0) and isinstance(sfe["fits"], bool)
+    assert set(plans) == {"sfe", "edpo", "edpo_reference", "evaluate", "facts"}
+    # the recipe's goal (issue 14): every job within 90% of an A100-80GB, no CPU offload
+    for name, plan in plans.items():
+        assert plan["budget_gib"] == pytest.approx(72.0)
+        assert plan["fits"] and plan["gib_per_rank"] <= 72.0 and not plan["cpu_offload"], name
+    assert plans["sfe"]["micro_batch"] * 8 == 32 and plans["evaluate"]["tp"] == 8
     with pytest.raises(SystemExit):
         main(["--preset", "nope"])
     assert "unknown preset 'nope'" in capsys.readouterr().err
