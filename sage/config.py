@@ -138,6 +138,10 @@ class SageConfig:
     max_fact_tokens: int = 48  # tokens kept per fact sentence before pooling
     selection: str = "nn"  # "nn": s_i = max_j cos (DESIGN §1 step 2); "min": literal Eq. 1
     facts_mode: str = "fe"  # "fe" (fusion, default), "hard" (facts as text), "none" (plain VLM)
+    fusion_norm: str = "none"  # "pre": LayerNorm (no params) on W_q/W_k inputs; "none": Eq. 2
+    fusion_init: str = "small"  # fusion W_q/k/v/o ~ N(0, 1/C) ("fan_in") or N(0, 0.02^2)
+    fact_head_init: float = 0.0  # std of the Eq. 9 head Linear's weight at init (0: zeros)
+    fusion_values: str = "test"  # one-shot values: "test" v_t[idx] (Eq. 2) or "difference" v_d
     system_message: str = ""  # system turn of the chat template ("" = none)
 
     def __post_init__(self) -> None:
@@ -160,6 +164,11 @@ class SageConfig:
                f"SageConfig.top_k={self.top_k} must be in [1, {self.n_image_tokens}]")
         _check(self.llm.dim % self.fusion_heads == 0,
                f"SageConfig.fusion_heads={self.fusion_heads} must divide llm.dim={self.llm.dim}")
+        _check(self.fusion_norm in ("pre", "none") and self.fusion_init in ("fan_in", "small")
+               and self.fusion_values in ("test", "difference") and self.fact_head_init >= 0,
+               f"SageConfig: fusion_norm={self.fusion_norm!r} ('pre'/'none'), fusion_init="
+               f"{self.fusion_init!r} ('fan_in'/'small'), fusion_values={self.fusion_values!r} "
+               f"('test'/'difference'), fact_head_init={self.fact_head_init} (>= 0)")
 
     @property
     def n_image_tokens(self) -> int:

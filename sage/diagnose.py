@@ -11,9 +11,11 @@ The command prints
   has not used them (with the evidence first it should not: it reads the evidence);
 - perception (SynthAD records): how well the log-prob of the normal explanation tells the
   normal pairs from the anomalous ones (AUROC), independent of the question;
-- the fact tokens (facts_mode "fe"): mean cosine between the N <FACT_CONTEXT> embeddings of
-  different images, and between the one-shot and zero-shot embeddings of one image. Values
-  near 1 mean the Fact[FE] pathway (Eq. 1-2, 9) carries nothing sample-specific.
+- the fusion pathway (facts_mode "fe", `fusion_report`), one-shot and zero-shot: the fusion
+  attention's entropy over log K (1 = uniform: neither facts nor comparison choose what is
+  read), the fact tokens' cosine across images (near 1: nothing image-specific reaches the
+  LLM) and across the N slots of one image, the share of the tokens that varies across
+  images, and the one-shot vs zero-shot distance (0: the reference changes nothing).
 """
 
 from __future__ import annotations
@@ -96,26 +98,81 @@ def decision_report(model, records: list[dict], root: str, setting: str,
             "decision_argmax_acc": hit.float().mean().item()}
 
 
+def attention_entropy(weights: torch.Tensor, key_mask: torch.Tensor | None = None) -> float:
+    """Mean entropy of attention rows over log K: weights (B, H, N, K) rows summing to 1,
+    key_mask (B, K) True = a real key (K per row counts only those). 1 = uniform, 0 = one key."""
+    h = -torch.xlogy(weights, weights).sum(-1)  # (B, H, N)
+    k = (torch.full(weights.shape[:1], weights.shape[-1], dtype=weights.dtype)
+         if key_mask is None else key_mask.sum(-1).to(weights.dtype))  # (B,)
+    return (h / torch.log(k.clamp_min(2))[:, None, None]).mean().item()
+
+
+def cross_image_cosine(tokens: torch.Tensor, groups: list[str]) -> float:
+    """Mean cosine between the same fact slot of two images of different groups:
+    tokens (B, N, C). 1 = the tokens carry nothing image-specific."""
+    pairs = [(a, b) for a in range(len(groups)) for b in range(a + 1, len(groups))
+             if groups[a] != groups[b]]
+    if not pairs:
+        raise ValueError("sage.diagnose: fact tokens across images need two groups")
+    a, b = (torch.tensor(x) for x in zip(*pairs))
+    return F.cosine_similarity(tokens[a], tokens[b], dim=-1).mean().item()
+
+
+def varying_share(tokens: torch.Tensor) -> float:
+    """Share of the fact tokens' energy that varies across images: tokens (B, N, C) ->
+    sum ||x_bn - mean_b x_bn||^2 / sum ||x_bn||^2 (0: the same token for every image; the
+    part shared by all images is what the LLM cannot use to tell them apart)."""
+    dev = tokens - tokens.mean(0, keepdim=True)  # (B, N, C)
+    return (dev.pow(2).sum() / tokens.pow(2).sum().clamp_min(1e-30)).item()
+
+
+def slot_cosine(tokens: torch.Tensor) -> float:
+    """Mean cosine between two different fact slots of one image (1: the N slots are equal)."""
+    n = tokens.shape[1]
+    if n < 2:
+        return float("nan")
+    x = F.normalize(tokens.float(), dim=-1)
+    sim = x @ x.transpose(1, 2)  # (B, N, N)
+    return ((sim.sum((1, 2)) - sim.diagonal(dim1=1, dim2=2).sum(-1)) / (n * (n - 1))).mean().item()
+
+
+def first_of_each_group(records: list[dict]) -> list[dict]:
+    """The first record of every group, in order (one per test/reference pair)."""
+    seen: set = set()
+    return [r for r in records if not (r["group"] in seen or seen.add(r["group"]))]
+
+
 @torch.no_grad()
-def fact_token_similarity(model, records: list[dict], root: str) -> dict:
-    """Cosine of fact-token embeddings across images (one-shot) and across settings."""
+def fusion_report(model, records: list[dict], root: str) -> dict:
+    """The Fact[FE] pathway (Eq. 1-2, 9) on `records` (one per image is enough), one-shot
+    and zero-shot: attention entropy / log K, the fact tokens' cosine across images and
+    across slots, the share of them that varies across images, and how far the one-shot
+    tokens are from the zero-shot ones (cosine, and ||one - zero|| / ||one||)."""
+    if model.cfg.facts_mode != "fe":
+        raise ValueError(f"sage.diagnose: the fusion report needs facts_mode 'fe', not "
+                         f"{model.cfg.facts_mode!r}")
     collate = Collator(model.tokenizer, model.cfg)
-    tokens = {}
+    groups = [r["group"] for r in records]
+    out, tokens = {}, {}
     for setting in ("one-shot", "zero-shot"):
         ds = SFEDataset(records, root, model.cfg, setting=setting)
         batch = collate([ds[i] for i in range(len(records))])
-        x = model.assemble(batch)  # (B, T, C)
-        where = batch["input_ids"] == model.tokenizer.fact_context_id  # (B, T)
-        tokens[setting] = x[where].view(len(records), -1, x.shape[-1])  # (B, N, C)
+        v = model.encode_images(batch["pixel_test"])  # (n_tiles, T, C)
+        t_g, keys, values, key_mask = model.fusion_inputs(v, batch)
+        weights = model.fusion.attention(t_g, keys, key_mask)  # (B, H, N, K)
+        x = model.fact_proj(model.fusion(t_g, keys, values, key_mask=key_mask))  # (B, N, C)
+        tokens[setting] = x
+        out[setting] = {"entropy_over_log_k": attention_entropy(weights, key_mask),
+                        "keys": keys.shape[1],
+                        "cos_across_images": cross_image_cosine(x, groups),
+                        "cos_across_slots": slot_cosine(x),
+                        "varying_share": varying_share(x),
+                        "token_norm": x.norm(dim=-1).mean().item()}
     one, zero = tokens["one-shot"], tokens["zero-shot"]
-    groups = [r["group"] for r in records]
-    pairs = [(a, b) for a in range(len(records)) for b in range(a + 1, len(records))
-             if groups[a] != groups[b]]  # different images
-    if not pairs:
-        raise ValueError("sage.diagnose: fact-token similarity needs two groups")
-    across = torch.stack([F.cosine_similarity(one[a], one[b], dim=-1).mean() for a, b in pairs])
-    return {"fact_cos_across_images": across.mean().item(),
-            "fact_cos_one_vs_zero_shot": F.cosine_similarity(one, zero, dim=-1).mean().item()}
+    out["one_vs_zero"] = {"cos": F.cosine_similarity(one, zero, dim=-1).mean().item(),
+                          "rel_dist": ((one - zero).norm(dim=-1)
+                                       / one.norm(dim=-1).clamp_min(1e-30)).mean().item()}
+    return out
 
 
 def auroc(pos: list[float], neg: list[float]) -> float:

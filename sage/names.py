@@ -169,7 +169,8 @@ VISION_SECTION, LLM_SECTION, FORCE_IMAGE_SIZE = "vision_config", "llm_config", "
 # SAGE's own fields, under "sage_config" with our names; absent keys take our defaults.
 SAGE_SECTION = "sage_config"
 SAGE_FIELD_NAMES = ("adapter_norm_eps", "n_facts", "top_k", "fusion_heads", "max_fact_tokens",
-                    "selection", "facts_mode")
+                    "selection", "facts_mode", "fusion_norm", "fusion_init", "fact_head_init",
+                    "fusion_values")
 
 # Keys that a published config.json carries and that SAGE deliberately ignores: the generic
 # `transformers.PretrainedConfig` dump, InternVL's training switches and MoE leftovers of

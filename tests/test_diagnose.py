@@ -1,13 +1,17 @@
-"""sage/diagnose.py: per-token losses agree with Eq. 8's log-probs, image swapping, and the CLI
-on the committed tiny base.  Run: python -m pytest -q tests/test_diagnose.py"""
+"""sage/diagnose.py: per-token losses agree with Eq. 8's log-probs, image swapping, the fusion
+pathway's figures on tiny shapes and on the committed tiny base, and the CLI.
+Run: python -m pytest -q tests/test_diagnose.py"""
 
+import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 from sage.data.synthad import generate
-from sage.diagnose import answer_token_losses, swap_images
+from sage.diagnose import (answer_token_losses, attention_entropy, cross_image_cosine,
+                           first_of_each_group, slot_cosine, swap_images, varying_share)
 from sage.tools.diagnose import main
 from sage.losses import IGNORE_INDEX, answer_logprobs
 
@@ -79,7 +83,7 @@ def test_cli_on_the_tiny_base(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "images as recorded: decision token" in out
     assert "images of another group: decision token" in out
-    assert "fact tokens" not in out  # the base is a plain VLM (facts_mode none)
+    assert "fusion pathway" not in out  # the base is a plain VLM (facts_mode none)
     a = float(out.split("pairs with AUROC ")[1].split()[0])
     assert 0.0 <= a <= 1.0
 
@@ -92,3 +96,75 @@ def test_auroc_hand_values_and_perception_needs_truth():
         auroc([1.0], [])
     with pytest.raises(KeyError, match="truth.anomalous"):
         perception_auroc(None, [{"id": "x", "group": "g"}], ".", "one-shot")
+
+
+def test_attention_entropy_over_log_k():
+    uniform = torch.full((2, 3, 4, 8), 1 / 8)
+    assert attention_entropy(uniform) == pytest.approx(1.0)
+    one_key = torch.zeros(2, 3, 4, 8)
+    one_key[..., 5] = 1
+    assert attention_entropy(one_key) == pytest.approx(0.0)
+    # masked keys: uniform over the 4 real keys of sample 0 is still 1
+    masked = torch.zeros(2, 1, 1, 8)
+    masked[0, ..., :4], masked[1] = 0.25, 1 / 8
+    mask = torch.tensor([[True] * 4 + [False] * 4, [True] * 8])
+    assert attention_entropy(masked, mask) == pytest.approx(1.0)
+
+
+def test_fact_token_figures_on_tiny_shapes(gen):
+    same = torch.randn(1, 3, 8, generator=gen).expand(4, 3, 8)
+    assert cross_image_cosine(same, ["a", "b", "c", "d"]) == pytest.approx(1.0)
+    assert varying_share(same) == pytest.approx(0.0, abs=1e-6)
+    x = torch.randn(4, 3, 8, generator=gen)
+    x = x - x.mean(0)  # nothing shared across images
+    assert varying_share(x) == pytest.approx(1.0)
+    # pairs within a group are not pairs of different images
+    y = torch.stack([torch.ones(3, 8), torch.ones(3, 8), -torch.ones(3, 8)])
+    assert cross_image_cosine(y, ["a", "a", "b"]) == pytest.approx(-1.0)
+    with pytest.raises(ValueError, match="two groups"):
+        cross_image_cosine(y, ["a", "a", "a"])
+    slots = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [2.0, 0.0]]])
+    assert slot_cosine(slots) == pytest.approx(0.5)  # 0 in image 0, 1 in image 1
+    assert first_of_each_group([{"group": g, "i": i} for i, g in enumerate("aabcb")]) == [
+        {"group": "a", "i": 0}, {"group": "b", "i": 2}, {"group": "c", "i": 3}]
+
+
+@pytest.fixture(scope="module")
+def fe_base(tmp_path_factory):
+    """The committed base as a Fact[FE] model, its fusion and head initialised (SAGE's
+    tensors left out of the checkpoint), as SFE starts."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    d = tmp_path_factory.mktemp("fe_base")
+    os.symlink((BASE / "tokenizer.model").resolve(), d / "tokenizer.model")
+    with safe_open(BASE / "model.safetensors", "pt") as f:
+        save_file({k: f.get_tensor(k) for k in f.keys() if not k.startswith("sage.")},
+                  d / "model.safetensors", metadata=f.metadata())
+    cfg = json.loads((BASE / "config.json").read_text())
+    # a non-zero head: with the zero head (0.0) every fact token is 0 before training
+    cfg["sage_config"].update(facts_mode="fe", fusion_norm="pre", fusion_init="fan_in",
+                              fact_head_init=1e-3)
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+def test_fusion_report_on_the_tiny_base(fe_base, tmp_path, capsys):
+    import sage
+    from sage.data import load_jsonl
+    from sage.diagnose import fusion_report
+    generate(tmp_path, seed=0, scale=0.03)
+    torch.manual_seed(0)
+    model = sage.load_pretrained(fe_base, dtype=torch.float32)
+    recs = first_of_each_group(load_jsonl(tmp_path / "sfe_train.jsonl", kind="qa"))[:4]
+    rep = fusion_report(model, recs, str(tmp_path))
+    k = model.cfg
+    assert rep["one-shot"]["keys"] == k.top_k and rep["zero-shot"]["keys"] == k.n_image_tokens
+    for s in ("one-shot", "zero-shot"):
+        assert 0 < rep[s]["entropy_over_log_k"] <= 1 and -1 <= rep[s]["cos_across_images"] <= 1
+        assert 0 < rep[s]["varying_share"] < 1 and rep[s]["token_norm"] > 0
+    assert rep["one_vs_zero"]["rel_dist"] > 0  # the reference changes the fact tokens
+    # the CLI prints the same figures
+    main(["--model", str(fe_base), "--data", str(tmp_path), "--split", "sfe_train",
+          "--limit", "45", "--images", "2"])
+    out = capsys.readouterr().out
+    assert "fusion pathway on 2 images" in out and "one-shot vs zero-shot fact tokens" in out

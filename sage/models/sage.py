@@ -78,8 +78,9 @@ class SageModel(nn.Module):
         self.vision = InternViT(cfg.vision)
         self.adapter = Adapter(cfg.adapter_in_dim, cfg.llm.dim, norm_eps=cfg.adapter_norm_eps)
         self.llm = Llama(cfg.llm)
-        self.fusion = FusionAttention(cfg.llm.dim, cfg.fusion_heads)
-        self.fact_proj = FactProjection(cfg.llm.dim)
+        self.fusion = FusionAttention(cfg.llm.dim, cfg.fusion_heads, norm=cfg.fusion_norm,
+                                      init=cfg.fusion_init)
+        self.fact_proj = FactProjection(cfg.llm.dim, init_std=cfg.fact_head_init)
         self._tokenizer = None
 
     def init_weights(self) -> None:
@@ -142,20 +143,25 @@ class SageModel(nn.Module):
                                     mode=self.cfg.selection))
         return tuple(torch.cat(x) for x in zip(*outs))
 
-    def fact_tokens(self, v_t_tiles: torch.Tensor, batch: dict) -> torch.Tensor:
-        """Steps 2-5: the N comparison-enhanced fact tokens phi_Proj(t^s), (B, N, C)."""
+    def fusion_inputs(self, v_t_tiles: torch.Tensor, batch: dict
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Steps 2-3: Eq. 2's inputs -> (t^g (B, N, C), keys (B, K, C), values (B, K, C),
+        key_mask (B, K) or None). One-shot: keys v_d and values v_t[idx] (or v_d with
+        cfg.fusion_values "difference"); zero-shot (paper §5.1): keys = values = all v_t."""
         t_g = self.embed_facts(batch["fact_ids"], batch["fact_mask"])  # (B, N, C)
         v_t, t_mask = split_by_tiles(v_t_tiles, batch["tiles_test"])  # (B, P, C)
         if batch.get("pixel_ref") is None:
-            # zero-shot (paper §5.1): keys = values = all test tokens
-            t_s = self.fusion(t_g, v_t, v_t, key_mask=None if t_mask.all() else t_mask)
-        else:
-            v_r, r_mask = split_by_tiles(self.encode_images(batch["pixel_ref"]),
-                                         batch["tiles_ref"])  # (B, R, C)
-            idx, _, ref_idx = self.select(v_t, v_r, t_mask, r_mask)  # (B, K) each
-            v_d, v_sel = difference_features(v_t, v_r, idx, ref_idx)  # (B, K, C) each
-            t_s = self.fusion(t_g, v_d, v_sel)  # Eq. 2: (B, N, C)
-        return self.fact_proj(t_s)  # Eq. 9
+            return t_g, v_t, v_t, None if t_mask.all() else t_mask
+        v_r, r_mask = split_by_tiles(self.encode_images(batch["pixel_ref"]),
+                                     batch["tiles_ref"])  # (B, R, C)
+        idx, _, ref_idx = self.select(v_t, v_r, t_mask, r_mask)  # (B, K) each
+        v_d, v_sel = difference_features(v_t, v_r, idx, ref_idx)  # (B, K, C) each
+        return t_g, v_d, v_d if self.cfg.fusion_values == "difference" else v_sel, None
+
+    def fact_tokens(self, v_t_tiles: torch.Tensor, batch: dict) -> torch.Tensor:
+        """Steps 2-5: the N comparison-enhanced fact tokens phi_Proj(t^s), (B, N, C)."""
+        t_g, keys, values, key_mask = self.fusion_inputs(v_t_tiles, batch)
+        return self.fact_proj(self.fusion(t_g, keys, values, key_mask=key_mask))  # Eq. 2, 9
 
     # -------------------------------------------------------------- assembly
 

@@ -1,5 +1,7 @@
 """Diagnostics of a model on SFE records by teacher forcing (sage.diagnose): the decision
-token's loss, perception AUROC on SynthAD, and the fact tokens' similarity across images.
+token's loss, perception AUROC on SynthAD, and the fusion pathway (facts_mode "fe"): attention
+entropy / log K, fact-token cosine across images and slots, the share that varies across
+images, one-shot vs zero-shot distance.
 
     python -m sage.tools.diagnose --model runs/quickstart/sfe/export --data data/synthad \\
         --split sfe_train --limit 64 [--swap_images]
@@ -13,7 +15,8 @@ import torch
 
 import sage
 from sage.data import load_jsonl
-from sage.diagnose import decision_report, fact_token_similarity, perception_auroc, swap_images
+from sage.diagnose import (decision_report, first_of_each_group, fusion_report, perception_auroc,
+                           swap_images)
 from sage.tools.args import Parser
 
 
@@ -23,6 +26,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data", default="data/synthad", help="data root holding the JSONL splits")
     p.add_argument("--split", default="sfe_train", help="JSONL split")
     p.add_argument("--limit", type=int, default=64, help="first N records")
+    p.add_argument("--images", type=int, default=16,
+                   help="images (first record of each group) for the fusion-pathway figures")
     p.add_argument("--swap_images", action="store_true",
                    help="also measure with each record's images taken from another group")
     args = p.parse_args(argv)
@@ -45,11 +50,23 @@ def main(argv: list[str] | None = None) -> None:
         print(f"perception: the normal explanation's log-prob tells normal from anomalous "
               f"pairs with AUROC {a:.3f} (0.5 = blind)")
     if model.cfg.facts_mode == "fe" and setting == "one-shot":
-        s = fact_token_similarity(model, records[:16], args.data)
-        print(f"fact tokens: cosine across images {s['fact_cos_across_images']:.5f}, one-shot "
-              f"vs zero-shot {s['fact_cos_one_vs_zero_shot']:.5f} (1 = carries nothing "
-              "sample-specific)")
+        firsts = first_of_each_group(records)[:args.images]
+        print_fusion_report(fusion_report(model, firsts, args.data), len(firsts))
 
+
+def print_fusion_report(rep: dict, n_images: int) -> None:
+    """The fusion pathway's figures (sage.diagnose.fusion_report), one line per setting."""
+    print(f"fusion pathway on {n_images} images (Eq. 2 attention; fact tokens after Eq. 9):")
+    for setting in ("one-shot", "zero-shot"):
+        r = rep[setting]
+        print(f"  {setting}: attention entropy {r['entropy_over_log_k']:.3f} log K (K = "
+              f"{r['keys']}; 1 = uniform), fact-token cosine across images "
+              f"{r['cos_across_images']:.4f}, across slots {r['cos_across_slots']:.4f}, "
+              f"share varying across images {r['varying_share']:.4f}, norm "
+              f"{r['token_norm']:.3f}")
+    o = rep["one_vs_zero"]
+    print(f"  one-shot vs zero-shot fact tokens: cosine {o['cos']:.4f}, distance "
+          f"{o['rel_dist']:.4f} of the one-shot norm (0 = the reference changes nothing)")
 
 if __name__ == "__main__":
     main()
