@@ -30,17 +30,15 @@ manifest.json.
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
 
 from sage.data.prompts import FACT_PROMPTS
+# the pictures (re-exported: callers import them from here)
+from sage.data.synthad_render import (BY_NAME, CATEGORIES, REGIONS, Category,  # noqa: F401
+                                      fixture, render)
 
-REGIONS = ("top-left", "top", "top-right", "left", "center", "right", "bottom-left", "bottom",
-           "bottom-right")  # 3 x 3 grid over the image, raster order
 DEFECTS = ("scratch", "hole", "crack", "stain", "colour deviation", "missing component")
 LEVELS = ("standard", "identification", "diagnosis")
 LEVEL_WEIGHTS = (0.44, 0.37, 0.19)
@@ -49,14 +47,6 @@ LEVEL_WEIGHTS = (0.44, 0.37, 0.19)
 # Measured on the default seed: majority label per template answers 57% of test_unseen
 # (was 72% before the balance), so accuracy above that needs the images.
 P_TRUE = 0.7
-# A photo places the object with up to POSE_JITTER of the image as offset and scales /
-# brightens it by up to SCALE_ / LIGHT_JITTER. Test and reference are two shots on one
-# inspection station (same bench and pose up to SHOT_JITTER, as in MVTec AD): with
-# independent shots, pose and lighting moved 14 px patches as much as a scratch does: the
-# largest aligned 14 px pixel difference told anomalous from normal pairs (scratch, hole,
-# crack, stain) with AUROC 0.60; with shared stations 0.85 (about 130 pairs each).
-POSE_JITTER, SCALE_JITTER, LIGHT_JITTER = 0.03, 0.04, 0.1
-SHOT_JITTER = 0.01
 # A general VLM describes surface marks it sees (InternVL2 does): half the pretrain shots
 # carry one of these, named in the caption; the anomaly splits' images are untouched.
 SURFACE_MARKS = ("scratch", "hole", "crack", "stain")
@@ -75,234 +65,6 @@ CONSEQUENCE = {
 CAUSE = {"scratch": "rough handling", "hole": "a punching fault", "crack": "stress in the material",
          "stain": "oil contamination", "colour deviation": "a wrong coating batch",
          "missing component": "an assembly error"}
-
-
-@dataclass(frozen=True)
-class Category:
-    name: str
-    shape: str  # drawing routine
-    description: str  # what a normal one looks like
-    components: tuple[tuple[str, str], ...]  # (component, region)
-    typical: tuple[str, ...]  # defects it tends to exhibit
-    variants: tuple[tuple[str, tuple[int, int, int]], ...]  # (colour name, RGB)
-
-
-CATEGORIES = (
-    Category("washer", "ring", "a flat round ring with a centred hole", (("inner edge", "center"),),
-             ("scratch", "crack", "stain"), (("silver", (185, 188, 195)), ("brass", (190, 150, 70)),
-                                            ("black", (60, 60, 66)))),
-    Category("capsule", "capsule", "a smooth two-part capsule with a printed band",
-             (("band", "center"),), ("stain", "crack", "colour deviation"),
-             (("red", (200, 60, 60)), ("white", (235, 235, 230)), ("blue", (70, 100, 200)))),
-    Category("pcb", "board", "a green board with a chip and two pads",
-             (("chip", "center"), ("left pad", "left"), ("right pad", "right")),
-             ("missing component", "scratch", "stain"),
-             (("green", (40, 140, 70)), ("blue", (40, 80, 160)), ("black", (40, 40, 40)))),
-    Category("screw", "screw", "a screw with a round head and a threaded shank",
-             (("head", "top"), ("tip", "bottom")), ("scratch", "crack", "missing component"),
-             (("steel", (170, 172, 180)), ("gold", (205, 170, 60)), ("black", (55, 55, 60)))),
-    Category("tile", "tile", "a square tile with an even glaze and a centre mark",
-             (("centre mark", "center"),), ("crack", "stain", "colour deviation"),
-             (("white", (230, 230, 222)), ("terracotta", (190, 100, 60)), ("grey", (130, 130, 135)))),
-    Category("bottle", "bottle", "an upright bottle with a cap and a label",
-             (("cap", "top"), ("label", "center")), ("hole", "stain", "missing component"),
-             (("green", (60, 150, 90)), ("brown", (130, 80, 40)), ("clear", (200, 215, 220)))),
-    Category("nut", "hexagon", "a hexagonal nut with a threaded centre hole",
-             (("thread", "center"),), ("scratch", "crack", "hole"),
-             (("steel", (165, 168, 175)), ("brass", (190, 150, 70)), ("black", (50, 50, 55)))),
-    Category("cable", "cable", "a cable cross-section with three coloured wires",
-             (("top wire", "top"), ("left wire", "bottom-left"), ("right wire", "bottom-right")),
-             ("missing component", "scratch", "colour deviation"),
-             (("grey", (150, 150, 150)), ("black", (45, 45, 45)), ("white", (225, 225, 220)))),
-)
-BY_NAME = {c.name: c for c in CATEGORIES}
-WIRE_COLOURS = ((200, 50, 40), (50, 160, 60), (40, 80, 200))
-
-
-# ----------------------------------------------------------------------------- drawing
-
-def region_box(region: str, size: int) -> tuple[float, float, float, float]:
-    """Pixel box (x0, y0, x1, y1) of one of the 9 named regions (3 x 3 grid)."""
-    r, c = divmod(REGIONS.index(region), 3)
-    s = size / 3
-    return c * s, r * s, (c + 1) * s, (r + 1) * s
-
-
-def region_point(region: str, size: int, rng: np.random.Generator) -> tuple[float, float]:
-    """A point well inside the region, pulled towards the centre so it lies on the object."""
-    x0, y0, x1, y1 = region_box(region, size)
-    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    mid = size / 2
-    jit = size / 18
-    return (cx + 0.4 * (mid - cx) + rng.uniform(-jit, jit),
-            cy + 0.4 * (mid - cy) + rng.uniform(-jit, jit))
-
-
-def background(size: int, rng: np.random.Generator, bench: tuple[float, float] | None = None
-               ) -> Image.Image:
-    """Grey bench with a lighting gradient and sensor noise; bench = (brightness, light angle)
-    of a fixture shared by several shots (each shot varies the brightness by +-3)."""
-    if bench is None:
-        base, ang = rng.uniform(95, 125), rng.uniform(0, 2 * math.pi)
-    else:
-        base, ang = bench[0] + rng.uniform(-3, 3), bench[1]
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    light = base + 25 * (np.cos(ang) * (xx - 0.5) + np.sin(ang) * (yy - 0.5))
-    img = light[..., None] + rng.normal(0, 3, (size, size, 1))
-    return Image.fromarray(np.clip(np.repeat(img, 3, -1), 0, 255).astype(np.uint8))
-
-
-def shade(rgb, k: float) -> tuple[int, int, int]:
-    return tuple(int(max(0, min(255, v * k))) for v in rgb)
-
-
-def draw_object(img: Image.Image, cat: Category, rgb, scale: float, offset, missing: str | None,
-                bright: float) -> None:
-    """Draw one product centred (plus offset) at `scale` of the image; skip `missing`."""
-    d = ImageDraw.Draw(img)
-    S = img.size[0]
-    cx, cy = S / 2 + offset[0], S / 2 + offset[1]
-    R = 0.40 * S * scale
-    col, dark = shade(rgb, bright), shade(rgb, 0.6 * bright)
-    bg = img.getpixel((2, 2))
-    comps = [n for n, _ in cat.components if n != missing]
-    if cat.shape == "ring":
-        d.ellipse([cx - R, cy - R, cx + R, cy + R], fill=col, outline=dark, width=3)
-        r = 0.28 * R
-        if "inner edge" in comps:
-            d.ellipse([cx - r - 4, cy - r - 4, cx + r + 4, cy + r + 4], outline=dark, width=4)
-        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=bg)
-    elif cat.shape == "hexagon":
-        pts = [(cx + R * math.cos(math.pi / 3 * k), cy + R * math.sin(math.pi / 3 * k))
-               for k in range(6)]
-        d.polygon(pts, fill=col, outline=dark)
-        r = 0.3 * R
-        if "thread" in comps:
-            d.ellipse([cx - r - 5, cy - r - 5, cx + r + 5, cy + r + 5], outline=dark, width=4)
-        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=bg)
-    elif cat.shape == "capsule":
-        w = 0.55 * R
-        d.rounded_rectangle([cx - w, cy - R, cx + w, cy + R], radius=int(w), fill=col,
-                            outline=dark, width=3)
-        if "band" in comps:
-            d.rectangle([cx - w, cy - 0.12 * R, cx + w, cy + 0.12 * R], fill=dark)
-    elif cat.shape == "board":
-        d.rectangle([cx - R, cy - 0.8 * R, cx + R, cy + 0.8 * R], fill=col, outline=dark, width=3)
-        if "chip" in comps:
-            d.rectangle([cx - 0.3 * R, cy - 0.3 * R, cx + 0.3 * R, cy + 0.3 * R], fill=(25, 25, 25))
-        for name, x in (("left pad", cx - 0.75 * R), ("right pad", cx + 0.75 * R)):
-            if name in comps:
-                d.rectangle([x - 0.12 * R, cy - 0.2 * R, x + 0.12 * R, cy + 0.2 * R],
-                            fill=(210, 180, 60))
-    elif cat.shape == "screw":
-        if "head" in comps:
-            d.ellipse([cx - 0.6 * R, cy - R, cx + 0.6 * R, cy - 0.35 * R], fill=col, outline=dark,
-                      width=3)
-            d.line([cx - 0.35 * R, cy - 0.68 * R, cx + 0.35 * R, cy - 0.68 * R], fill=dark,
-                   width=5)
-        d.rectangle([cx - 0.22 * R, cy - 0.45 * R, cx + 0.22 * R, cy + 0.7 * R], fill=col,
-                    outline=dark)
-        for k in range(6):
-            y = cy - 0.35 * R + k * 0.18 * R
-            d.line([cx - 0.22 * R, y, cx + 0.22 * R, y + 0.08 * R], fill=dark, width=2)
-        if "tip" in comps:
-            d.polygon([(cx - 0.22 * R, cy + 0.7 * R), (cx + 0.22 * R, cy + 0.7 * R),
-                       (cx, cy + R)], fill=col, outline=dark)
-    elif cat.shape == "tile":
-        d.rectangle([cx - R, cy - R, cx + R, cy + R], fill=col, outline=dark, width=4)
-        if "centre mark" in comps:
-            d.ellipse([cx - 0.15 * R, cy - 0.15 * R, cx + 0.15 * R, cy + 0.15 * R], fill=dark)
-    elif cat.shape == "bottle":
-        d.rounded_rectangle([cx - 0.5 * R, cy - 0.55 * R, cx + 0.5 * R, cy + R], radius=12,
-                            fill=col, outline=dark, width=3)
-        d.rectangle([cx - 0.2 * R, cy - 0.85 * R, cx + 0.2 * R, cy - 0.55 * R], fill=col,
-                    outline=dark)
-        if "cap" in comps:
-            d.rectangle([cx - 0.25 * R, cy - R, cx + 0.25 * R, cy - 0.82 * R], fill=(200, 40, 40))
-        if "label" in comps:
-            d.rectangle([cx - 0.5 * R, cy - 0.1 * R, cx + 0.5 * R, cy + 0.35 * R],
-                        fill=(240, 240, 235))
-    elif cat.shape == "cable":
-        d.ellipse([cx - R, cy - R, cx + R, cy + R], fill=col, outline=dark, width=4)
-        r = 0.3 * R
-        for (name, _), (ang, wcol) in zip(cat.components, zip((-90, 150, 30), WIRE_COLOURS)):
-            if name in comps:
-                x = cx + 0.5 * R * math.cos(math.radians(ang))
-                y = cy + 0.5 * R * math.sin(math.radians(ang))
-                d.ellipse([x - r, y - r, x + r, y + r], fill=wcol, outline=(20, 20, 20), width=2)
-    else:  # pragma: no cover - the table above lists every shape
-        raise ValueError(f"unknown shape {cat.shape!r}")
-
-
-def draw_defect(img: Image.Image, defect: str, region: str, rng: np.random.Generator) -> None:
-    """Scratch / hole / crack / stain at `region` (colour and missing part are drawn by the
-    object itself)."""
-    S = img.size[0]
-    x, y = region_point(region, S, rng)
-    d = ImageDraw.Draw(img)
-    u = S / 224  # sizes below are for 224 px images
-    if defect == "scratch":
-        ang = rng.uniform(0, math.pi)
-        L = rng.uniform(26, 36) * u
-        dx, dy = L * math.cos(ang) / 2, L * math.sin(ang) / 2
-        d.line([x - dx, y - dy, x + dx, y + dy], fill=(245, 245, 245), width=max(1, int(4 * u)))
-        d.line([x - dx + 3 * u, y - dy + 3 * u, x + dx + 3 * u, y + dy + 3 * u],
-               fill=(30, 30, 30), width=max(1, int(3 * u)))
-    elif defect == "hole":
-        r = rng.uniform(8, 11) * u
-        d.ellipse([x - r, y - r, x + r, y + r], fill=(15, 15, 15), outline=(60, 60, 60))
-    elif defect == "crack":
-        pts, ang = [(x, y)], rng.uniform(0, 2 * math.pi)
-        for _ in range(5):
-            ang += rng.uniform(-0.9, 0.9)
-            px, py = pts[-1]
-            pts.append((px + 7 * u * math.cos(ang), py + 7 * u * math.sin(ang)))
-        shift = (pts[0][0] - pts[len(pts) // 2][0], pts[0][1] - pts[len(pts) // 2][1])
-        d.line([(px + shift[0], py + shift[1]) for px, py in pts], fill=(10, 10, 10),
-               width=max(1, int(4 * u)))
-    elif defect == "stain":
-        layer = Image.new("RGBA", img.size, (0, 0, 0, 0))
-        ld = ImageDraw.Draw(layer)
-        for _ in range(4):
-            ox, oy, r = rng.uniform(-6, 6) * u, rng.uniform(-6, 6) * u, rng.uniform(7, 11) * u
-            ld.ellipse([x + ox - r, y + oy - r, x + ox + r, y + oy + r], fill=(110, 70, 20, 170))
-        img.paste(Image.alpha_composite(img.convert("RGBA"), layer.filter(
-            ImageFilter.GaussianBlur(1.5))).convert("RGB"))
-
-
-def render(cat: Category, variant: int, size: int, rng: np.random.Generator, scale: float,
-           defect: str | None = None, region: str | None = None,
-           missing: str | None = None, colour_variant: int | None = None,
-           fixture: dict | None = None, defect_rng: np.random.Generator | None = None
-           ) -> Image.Image:
-    """One product photo: pose / lighting jitter, optional defect. `fixture` (from
-    `fixture()`) places several shots on one bench and pose, each with the small SHOT_JITTER.
-    `defect_rng` draws the defect's shape instead of `rng` (the pretrain split's marks, so
-    that `rng` makes the same draws with and without them)."""
-    rgb = cat.variants[variant if colour_variant is None else colour_variant][1]
-    if fixture is None:  # a single shot; its draw order keeps the pretrain split unchanged
-        img = background(size, rng)
-        offset = rng.uniform(-POSE_JITTER, POSE_JITTER, 2) * size
-        scale *= rng.uniform(1 - SCALE_JITTER, 1 + SCALE_JITTER)
-        bright = rng.uniform(1 - LIGHT_JITTER, 1 + LIGHT_JITTER)
-    else:
-        j = SHOT_JITTER
-        img = background(size, rng, fixture["bench"])
-        offset = fixture["offset"] + rng.uniform(-j, j, 2) * size
-        scale *= fixture["scale"] * rng.uniform(1 - j, 1 + j)
-        bright = fixture["bright"] * rng.uniform(1 - 3 * j, 1 + 3 * j)
-    draw_object(img, cat, rgb, scale, offset, missing, bright=bright)
-    if defect in ("scratch", "hole", "crack", "stain"):
-        draw_defect(img, defect, region, rng if defect_rng is None else defect_rng)
-    return img.filter(ImageFilter.GaussianBlur(0.5))
-
-
-def fixture(size: int, rng: np.random.Generator) -> dict:
-    """One inspection station: bench lighting and the part's pose, shared by test and reference."""
-    return {"bench": (rng.uniform(95, 125), rng.uniform(0, 2 * math.pi)),
-            "offset": rng.uniform(-POSE_JITTER, POSE_JITTER, 2) * size,
-            "scale": rng.uniform(1 - SCALE_JITTER, 1 + SCALE_JITTER),
-            "bright": rng.uniform(1 - LIGHT_JITTER, 1 + LIGHT_JITTER)}
 
 
 # ----------------------------------------------------------------------------- text
@@ -364,6 +126,45 @@ def answers_for(label: str, t: dict, cat: str, rng: np.random.Generator) -> list
     a3 = (f"Maybe, it is hard to tell from this image whether the {cat} is defective. "
           f"{decide(label)}")
     return [a1, a2, a3, a4]
+
+
+def neighbour(region: str, rng: np.random.Generator) -> str:
+    """A region next to `region` on the 3 x 3 grid (the oracle's "neighbouring region")."""
+    r, c = divmod(REGIONS.index(region), 3)
+    near = [REGIONS[3 * rr + cc] for rr in range(3) for cc in range(3)
+            if max(abs(rr - r), abs(cc - c)) == 1]
+    return near[int(rng.integers(len(near)))]
+
+
+def graded_answers(label: str, t: dict, cat: str, rng: np.random.Generator) -> list[str]:
+    """4 ranked answers whose errors grow one at a time, as an expert ranking orders them:
+    A1 right in every part; A2 the right type at a neighbouring region (a normal part: a
+    harmless spot named at a region); A3 a wrong type (normal: a minor mark called a named
+    defect); A4 the wrong decision. The oracle judge (sage.data.oracle) gives the four
+    different scores, anomalous 5 > 4.33 > 3.67 > 1.33 and normal 5 > 4 > 3.33 > 1.33, so
+    Eq. 5's adjacent pairs have entropy gaps to choose from (`answers_for`: two of the four
+    scored the same in 64% of E-DPO instances)."""
+    wrong = "no" if label == "yes" else "yes"
+    a1 = answers_for(label, t, cat, rng)[0]  # the same A1 (its wording draws nothing)
+    drawable = [d for d in DEFECTS if d not in ("colour deviation", "missing component")]
+    if t["anomalous"]:
+        d = t["defect"]
+        near = neighbour(t["region"], rng)
+        # A2 never names the component: "top wire" would name the true region "top"
+        what = ("a component is missing" if d == "missing component" else f"there is a {d}")
+        a2 = f"The inspection shows that {what} at the {near} of the {cat}; {CONSEQUENCE[d]}."
+        fake = other(rng, drawable, d)
+        a3 = (f"The inspection shows that there is a {fake} at the {t['region']} of the {cat}; "
+              f"this means the part fails the check.")
+        a4 = f"The {cat} looks normal and matches the reference."
+    else:
+        a2 = (f"The {cat} matches the reference apart from a faint spot at the "
+              f"{REGIONS[int(rng.integers(9))]}, within tolerance; so the part is fit for use.")
+        a3 = (f"There is a faint {drawable[int(rng.integers(4))]} on the {cat}, but it is minor, "
+              f"so the part can pass.")
+        a4 = (f"There is a {drawable[int(rng.integers(4))]} at the "
+              f"{REGIONS[int(rng.integers(9))]} of the {cat}.")
+    return [a1, f"{a2} {decide(label)}", f"{a3} {decide(label)}", f"{a4} {decide(wrong)}"]
 
 
 def questions_for(level: str, t: dict, cat: Category, rng: np.random.Generator):
@@ -429,8 +230,11 @@ def sample_pair(cat: Category, rng: np.random.Generator, size: int, anomalous: b
 
 
 def make_groups(split: str, cats: list[Category], n_groups: int, out: Path, size: int,
-                rng: np.random.Generator, p_anomalous: float = 0.5) -> list[dict]:
-    """n_groups test/reference pairs, 5 QA records each."""
+                rng: np.random.Generator, p_anomalous: float = 0.5,
+                graded_rng: np.random.Generator | None = None) -> list[dict]:
+    """n_groups test/reference pairs, 5 QA records each. With `graded_rng` the ranked answers
+    are `graded_answers`, drawn from it (the E-DPO split); `answers_for` still draws from
+    `rng`, so that every later split comes out as it did before graded answers existed."""
     records = []
     img_dir = out / "images" / split
     img_dir.mkdir(parents=True, exist_ok=True)
@@ -446,11 +250,14 @@ def make_groups(split: str, cats: list[Category], n_groups: int, out: Path, size
         facts = facts_for(cat, cat.variants.index(next(
             x for x in cat.variants if x[0] == truth["reference_variant"])))
         for q, (question, label) in enumerate(questions_for(level, truth, cat, rng)):
+            answers = answers_for(label, truth, cat.name, rng)
+            if graded_rng is not None:
+                answers = graded_answers(label, truth, cat.name, graded_rng)
             records.append({
                 "id": f"{gid}-q{q}", "test_image": f"images/{split}/{gid}.png",
                 "reference_image": f"images/{split}/{gid}_ref.png", "category": cat.name,
                 "source": "synthad", "level": level, "group": gid, "question": question,
-                "answers": answers_for(label, truth, cat.name, rng), "label": label,
+                "answers": answers, "label": label,
                 "facts": facts,
                 "truth": {k: truth[k] for k in ("anomalous", "defect", "region", "variant",
                                                 "reference_variant")}})
@@ -564,7 +371,8 @@ def generate(out: str | Path, seed: int = 0, size: int = 224, scale: float = 1.0
                                         np.random.default_rng([seed, 2]))}
     for split, cats in (("sfe_train", seen), ("edpo_train", seen), ("test_seen", seen),
                         ("test_unseen", unseen)):
-        splits[split] = make_groups(split, cats, n[split], out, size, rng)
+        splits[split] = make_groups(split, cats, n[split], out, size, rng, graded_rng=(
+            np.random.default_rng([seed, 3]) if split == "edpo_train" else None))
     for split, recs in splits.items():
         write_jsonl(recs, out / f"{split}.jsonl")
     texts = set()

@@ -1,5 +1,6 @@
 """SynthAD: determinism, schema validity of every split, groups of 5 of one level, ranked
-answers (by the oracle judge), unseen categories kept out of training.
+answers (by the oracle judge; E-DPO's four distinct in score), unseen categories kept out of
+training, and every split but edpo_train as it was before graded answers.
 Run: python -m pytest -q tests/data/test_synthad.py"""
 
 import hashlib
@@ -163,3 +164,31 @@ def test_answers_give_the_evidence_then_the_decision(synth):
                 assert extract_decision(evidence) is None, a  # the evidence states no verdict
             if r["label"] is not None:
                 assert extract_decision(r["answers"][0]) == r["label"], r["id"]
+
+
+def test_edpo_answers_distinct_in_judge_score(synth):
+    """Issue 16: Eq. 5's adjacent pairs need different scores; >= 90% of E-DPO instances
+    have four distinct ones, ranked A1 > A2 > A3 > A4 (wrong region, type, decision)."""
+    recs = load_jsonl(synth / "edpo_train.jsonl", kind="qa")
+    distinct = 0
+    for r in recs:
+        s = [sum(oracle_scores(a, r["truth"], r["label"], r["question"])) / 3
+             for a in r["answers"]]
+        distinct += s[0] > s[1] > s[2] > s[3]
+    assert distinct / len(recs) >= 0.9, distinct / len(recs)
+
+
+# sha256 (first 16 hex) of each split's JSONL and its images' pixels, seed 0, scale 0.1,
+# recorded before graded E-DPO answers: the committed base was pretrained on `pretrain`.
+DIGESTS = {"pretrain": "353a6eae02314ea7", "sfe_train": "ecb1fe362cf348a0",
+           "test_seen": "21cbb4b1e9c94057", "test_unseen": "11120f812c58190e"}
+
+
+def test_splits_other_than_edpo_unchanged(synth):
+    from PIL import Image
+    for split, want in DIGESTS.items():
+        h = hashlib.sha256((synth / f"{split}.jsonl").read_bytes())
+        for img in sorted((synth / "images" / split).iterdir()):
+            h.update(img.name.encode())
+            h.update(Image.open(img).tobytes())
+        assert h.hexdigest()[:16] == want, split
