@@ -12,7 +12,8 @@ record passes sage.data.schema.validate_record; a malformed input item raises na
 the item and the field, or is skipped and counted with skip_bad=True.
 
 Assumptions about the external formats (checked where possible):
-- LLaVA / InternVL conversation JSON: a list of {"id", "image": str (or a 1-element list),
+- LLaVA / InternVL conversation JSON or JSONL (one item per line, InternVL's fine-tuning
+  annotation format): a list of {"id", "image": str (or a 1-element list),
   "conversations": [{"from": "human"|"gpt"|"system", "value"}]}. Each human/gpt exchange
   becomes one record (id "<source>-<item>-t<k>", level "general", answers [gpt value]) with
   the "<image>" tag removed; earlier turns are not kept as context. Items without exactly one
@@ -48,12 +49,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from sage.data.oracle import extract_decision
 from sage.data.schema import RecordError, check_image_file, validate_record, write_jsonl
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -124,13 +125,12 @@ class Converter:
 
 # ----------------------------------------------------------------------------- answers
 
-_DECISION = re.compile(r"^\W*(yes|no|true|false)\b", re.IGNORECASE)
-
-
-def leading_decision(text: str) -> bool | None:
-    """True for an answer starting with Yes/True, False for No/False, None otherwise."""
-    m = _DECISION.match(text)
-    return None if m is None else m.group(1).lower() in ("yes", "true")
+def stated_decision(text: str) -> bool | None:
+    """True / False for the Yes / No decision `text` states, None for none: the rule every
+    accuracy uses (sage.data.oracle.extract_decision: a final statement wins, else a leading
+    Yes./No.; True/False count as Yes/No)."""
+    decision = extract_decision(text)
+    return None if decision is None else decision == "yes"
 
 
 def templated_answers(label: bool, reason_right: str, reason_wrong: str) -> list[str]:
@@ -179,7 +179,7 @@ def convert_llava(c: Converter, data) -> None:
 
 def rank_options(options: list[str], answer: bool) -> list[str]:
     """Stable partition: options whose leading decision contradicts `answer` go last."""
-    keep = [o for o in options if leading_decision(o) in (None, answer)]
+    keep = [o for o in options if stated_decision(o) in (None, answer)]
     return keep + [o for o in options if o not in keep]
 
 
@@ -243,9 +243,9 @@ def convert_mmad(c: Converter, data) -> None:
             right = str(options[letter]).strip()
             base = {"test_image": test, "reference_image": ref, "category": category,
                     "source": c.source, "level": level, "group": group, "mmad_type": qtype}
-            decisions = {leading_decision(str(t)) for t in options.values()}
+            decisions = {stated_decision(str(t)) for t in options.values()}
             if decisions == {True, False} and len(options) == 2:  # a native yes/no question
-                label = bool(leading_decision(right))
+                label = bool(stated_decision(right))
                 c.add({**base, "id": f"{group}-q{j}", "question": question,
                        "answers": templated_answers(label, "The images show it.",
                                                     "The images show otherwise."),
@@ -353,6 +353,31 @@ def convert_mvtec(c: Converter, folder: Path) -> None:
 
 # ----------------------------------------------------------------------------- entry point
 
+def read_json_or_jsonl(src: Path):
+    """One JSON document, or JSON Lines (one item per line, as InternVL's fine-tuning
+    annotations are written) -> the list of items. Errors name the file and the line."""
+    try:
+        text = src.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConvertError(f"{src}: not UTF-8 text ({e})") from None
+    if src.suffix.lower() != ".jsonl":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            # "Extra data" after a first object: JSON Lines under another file name
+            if not (e.msg == "Extra data" and text.lstrip().startswith("{")):
+                raise ConvertError(f"{src}: line {e.lineno}: malformed JSON: {e.msg}") from None
+    items = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                items.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ConvertError(f"{src}: line {n}: malformed JSON Lines item: {e.msg} "
+                                   f"(column {e.colno})") from None
+    return items
+
+
 IMPORTERS = {"llava": convert_llava, "manta": convert_manta, "mmad": convert_mmad,
              "mvtec": convert_mvtec}
 
@@ -374,11 +399,7 @@ def convert(fmt: str, src: str | Path, out: str | Path, root: str | Path | None 
     if fmt == "mvtec":
         convert_mvtec(c, src)
     else:
-        try:
-            data = json.loads(src.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ConvertError(f"{src}: line {e.lineno}: malformed JSON: {e.msg}") from None
-        IMPORTERS[fmt](c, data)
+        IMPORTERS[fmt](c, read_json_or_jsonl(src))
     if check_images:
         for r in c.records:
             for fld in ("test_image", "reference_image"):

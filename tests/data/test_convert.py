@@ -6,7 +6,7 @@ import json
 import pytest
 from PIL import Image
 
-from sage.data.convert import convert, leading_decision, mvtec_questions, rank_options
+from sage.data.convert import convert, stated_decision, mvtec_questions, rank_options
 from sage.tools.convert import main
 from sage.data.schema import load_jsonl
 
@@ -48,6 +48,21 @@ def test_llava(tmp_path):
     assert recs[1]["answers"] == ["No, it is square."] and recs[0]["level"] == "general"
     assert recs[0]["test_image"] == "coco/a.png" and recs[0]["reference_image"] is None
     assert recs[0]["source_id"] == "000123" and len({r["id"] for r in recs}) == 3
+
+
+@pytest.mark.parametrize("name", ["llava.jsonl", "annotations.json"])
+def test_llava_jsonl_one_conversation_per_line(tmp_path, name):
+    # InternVL's fine-tuning annotations: one conversation per line (also under a .json name)
+    png(tmp_path / "coco" / "a.png")
+    src = tmp_path / name
+    src.write_text("".join(json.dumps(item) + "\n" for item in LLAVA) + "\n")
+    n, skipped, _ = convert("llava", src, tmp_path / "general.jsonl")
+    assert (n, skipped) == (3, 1)  # the same records as the JSON list gives
+    assert [r["question"] for r in load_jsonl(tmp_path / "general.jsonl", kind="general")] == [
+        "What is shown?", "Is it round?", "Colour?"]
+    src.write_text(json.dumps(LLAVA[0]) + "\n" + json.dumps(LLAVA[2])[:-1] + "\n")
+    with pytest.raises(ValueError, match=rf"{name}: line 2: malformed JSON"):
+        convert("llava", src, tmp_path / "o.jsonl")
 
 
 def test_llava_errors_name_item_and_field(tmp_path):
@@ -112,9 +127,12 @@ def test_manta_bad_pair_type_and_options(tmp_path):
 
 
 def test_rank_options_and_decisions():
-    assert leading_decision("Yes, there is.") is True and leading_decision("no.") is False
-    assert leading_decision("True") is True and leading_decision("Perhaps yes") is None
-    assert rank_options(["Yes a", "No b", "c", "Yes d"], False) == ["No b", "c", "Yes a", "Yes d"]
+    assert stated_decision("Yes, there is.") is True and stated_decision("no.") is False
+    assert stated_decision("True") is True and stated_decision("Perhaps yes") is None
+    assert rank_options(["Yes, a.", "No. b", "c", "Yes. d"], False) == [
+        "No. b", "c", "Yes, a.", "Yes. d"]
+    # the decision an option states, not its first word: evidence first, decision last
+    assert stated_decision("There is no scratch on the washer. So the answer is Yes.") is True
 
 
 # ----------------------------------------------------------------------------- MMAD
