@@ -8,11 +8,12 @@ A judge scores one candidate answer to a question against the expert reference a
   the record's structured `truth` and `label`; no network.
 - `OpenAIJudge`: an LLM judge (the paper's Γ_LLM, GPT-4o) through any OpenAI-compatible
   endpoint. Prompt: SYSTEM_PROMPT + `build_messages`; reply: JSON {"type", "location",
-  "logic"} validated by `parse_reply`. Unusable replies are re-asked (bounded) and then
-  returned as `MLEFailure`, never replaced by a default score. Rate limits, 5xx and timeouts
-  are retried with backoff by the openai client itself. Successful scores are appended to a
-  JSONL cache keyed by sha256(model, messages), so an interrupted run resumes without asking
-  anything twice. The API key is never logged or written.
+  "logic"} validated by `parse_reply`. Unusable replies (also a malformed HTTP body: not JSON,
+  a JSON array, a choice without a message) are re-asked (bounded) and then returned as
+  `MLEFailure`, never replaced by a default score; no failure of one call raises. Rate
+  limits, 5xx and timeouts are retried with backoff by the openai client itself. Successful
+  scores are appended to a JSONL cache keyed by sha256(model, messages), so an interrupted
+  run resumes without asking anything twice. The API key is never logged or written.
 
 `score_records` fills each record's `mle` field ([[t, l, g]] x L, DESIGN §6); the command
 line is `python -m sage.tools.mle`.
@@ -273,7 +274,8 @@ class OpenAIJudge(Judge):
             return result
 
     def _ask(self, messages: list[dict]) -> MLEResult | MLEFailure:
-        """One request, plus up to parse_retries repair turns for unusable replies."""
+        """One request, plus up to parse_retries re-asks for unusable replies (a repair turn
+        when the model wrote something unusable); never raises."""
         extra = {"response_format": {"type": "json_object"}} if self.json_mode else {}
         conversation, reason, text = list(messages), "", None
         for _ in range(1 + self.parse_retries):
@@ -282,7 +284,14 @@ class OpenAIJudge(Judge):
                     model=self.model, messages=conversation, temperature=0.0, **extra)
             except self._api_error as e:  # the client has already retried what is retryable
                 return MLEFailure(f"{type(e).__name__}: {e}")
-            text = reply.choices[0].message.content if reply.choices else None
+            except Exception as e:  # noqa: BLE001  e.g. a 200 reply whose body is not JSON
+                reason, text = f"malformed reply ({type(e).__name__}: {e})", None
+                continue
+            try:
+                text = reply_text(reply)
+            except ValueError as e:  # the HTTP reply itself is malformed: ask again as it was
+                reason, text = str(e), None
+                continue
             try:
                 return parse_reply(text)
             except ValueError as e:
@@ -292,6 +301,26 @@ class OpenAIJudge(Judge):
                                             "content": REPAIR_PROMPT.format(reason=reason)}]
         return MLEFailure(f"no usable reply after {1 + self.parse_retries} attempt(s): {reason}",
                           raw=text)
+
+
+def reply_text(reply: Any) -> str | None:
+    """The assistant text of a chat completion; ValueError (what is wrong) when the reply is
+    not one: a list or str body, no choices, a choice without `message`."""
+    choices = getattr(reply, "choices", None)
+    if choices is None and isinstance(reply, dict):  # a body the client did not parse
+        choices = reply.get("choices")
+    if not isinstance(choices, list) or not choices:
+        raise ValueError(f"malformed reply: no choices in {str(reply)[:80]!r}")
+    choice = choices[0]
+    message = (choice.get("message") if isinstance(choice, dict)
+               else getattr(choice, "message", None))
+    if message is None:
+        raise ValueError("malformed reply: the choice has no message")
+    content = (message.get("content") if isinstance(message, dict)
+               else getattr(message, "content", None))
+    if content is not None and not isinstance(content, str):
+        raise ValueError(f"malformed reply: content is {type(content).__name__}, not text")
+    return content
 
 
 # ----------------------------------------------------------------------------- scoring records
@@ -304,17 +333,27 @@ class ScoreReport:
     n_cached: int = 0  # served from the cache
     n_failed: int = 0
     n_kept: int = 0  # records left as they were (already scored, rescore=False)
+    n_kept_old: int = 0  # rescored records whose new scoring failed: earlier `mle` kept
     failures: list[tuple[str, int, str]] = field(default_factory=list)  # (record id, answer, why)
+
+
+def _score_one(judge: Judge, item: tuple[str, str, str, dict]) -> MLEResult | MLEFailure:
+    """judge.score, with any exception of one call recorded as that answer's failure."""
+    try:
+        return judge.score(*item)
+    except Exception as e:  # noqa: BLE001  one bad call must not lose every other answer
+        return MLEFailure(f"{judge.name} judge raised {type(e).__name__}: {e}")
 
 
 def score_many(judge: Judge, items: list[tuple[str, str, str, dict]], workers: int = 8,
                progress: Callable[[int, int], None] | None = None
                ) -> list[MLEResult | MLEFailure]:
     """judge.score over (question, reference_answer, candidate, record) items, `workers` at a
-    time -> results in item order. progress(done, total) is called after each item."""
+    time -> results in item order (an exception in a call is that item's MLEFailure).
+    progress(done, total) is called after each item."""
     out = []
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for res in pool.map(lambda it: judge.score(*it), items):
+        for res in pool.map(lambda it: _score_one(judge, it), items):
             out.append(res)
             if progress is not None:
                 progress(len(out), len(items))
@@ -326,7 +365,8 @@ def score_records(records: list[dict], judge: Judge, workers: int = 8, rescore: 
     """Fill each record's `mle` with [[type, location, logic]] per answer, in place.
 
     The reference answer is the expert's best, answers[0]. A record gets `mle` only when every
-    one of its answers was scored; otherwise it has none and its failures are in the report.
+    one of its answers was scored; otherwise it keeps the `mle` it had (rescore) or has none,
+    and its failures are in the report.
     workers, progress: as score_many.
     """
     rep = ScoreReport()
@@ -335,7 +375,6 @@ def score_records(records: list[dict], judge: Judge, workers: int = 8, rescore: 
         if rec.get("mle") is not None and not rescore:
             rep.n_kept += 1
             continue
-        rec.pop("mle", None)
         jobs += [(r, i) for i in range(len(rec["answers"]))]
 
     items = [(records[r]["question"], records[r]["answers"][0], records[r]["answers"][i],
@@ -355,4 +394,6 @@ def score_records(records: list[dict], judge: Judge, workers: int = 8, rescore: 
                 rep.n_judged += 1
         if all(isinstance(res, MLEResult) for res in row):
             rec["mle"] = [res.as_list() for res in row]
+        elif rec.get("mle") is not None:
+            rep.n_kept_old += 1  # a failed rescore never removes the earlier score
     return rep

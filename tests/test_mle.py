@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import openai  # noqa: F401  imported here so its ~1 s import is not charged to one test
 import pytest
 
-from sage.mle import (SYSTEM_PROMPT, JudgeCache, MLEFailure, MLEResult, OpenAIJudge,
+from sage.mle import (SYSTEM_PROMPT, Judge, JudgeCache, MLEFailure, MLEResult, OpenAIJudge,
                       build_messages, cache_key, parse_reply, score_records)
 from sage.tools.mle import main
 
@@ -22,7 +22,8 @@ class FakeOpenAI:
     """POST /v1/chat/completions on 127.0.0.1 with scripted replies.
 
     `script` is a list of actions used in order, then `default` forever. An action is a str
-    (the assistant's content), ("status", code, headers) or ("sleep", seconds, content).
+    (the assistant's content), ("status", code, headers), ("sleep", seconds, content) or
+    ("raw", body bytes) sent as a 200 JSON reply.
     A callable default gets the request body and returns an action (for concurrent tests).
     """
 
@@ -44,6 +45,9 @@ class FakeOpenAI:
                         action = fake.script.pop(0)
                     else:
                         action = fake.default(body) if callable(fake.default) else fake.default
+                if isinstance(action, tuple) and action[0] == "raw":  # a body as given
+                    self._send(200, None, raw=action[1])
+                    return
                 if isinstance(action, tuple) and action[0] == "status":
                     self._send(action[1], {"error": {"message": "scripted", "type": "x"}},
                                action[2])
@@ -57,8 +61,8 @@ class FakeOpenAI:
                                               "message": {"role": "assistant",
                                                           "content": action}}]})
 
-            def _send(self, code, obj, headers=None):
-                data = json.dumps(obj).encode()
+            def _send(self, code, obj, headers=None, raw=None):
+                data = json.dumps(obj).encode() if raw is None else raw
                 try:
                     self.send_response(code)
                     self.send_header("Content-Type", "application/json")
@@ -228,6 +232,50 @@ def test_failure_is_reported_not_defaulted(server):
     assert "type=9" in rep.failures[0][2]
 
 
+GOOD = '{"type": 5, "location": 4, "logic": 3}'
+CHOICE = {"index": 0, "finish_reason": "stop"}
+
+
+def _body(**fields):
+    return json.dumps({"id": "c", "object": "chat.completion", "created": 0, "model": "judge-m",
+                       **fields}).encode()
+
+
+@pytest.mark.parametrize("body, why", [
+    (b"<html>502 bad gateway</html>", "malformed reply"),  # not JSON at all
+    (b'[{"type": 5}]', "malformed reply"),  # a JSON array
+    (_body(choices=[CHOICE]), "the choice has no message"),
+    (_body(choices=[]), "no choices"),
+    (_body(choices=[{**CHOICE, "message": {"role": "assistant", "content": None}}]),
+     "empty reply"),
+])
+def test_malformed_http_replies_are_failures_not_exceptions(server, body, why):
+    # issue 19 bug 1: these used to raise out of _ask and the worker pool, losing every answer
+    srv = server(default=("raw", body))
+    rec = dict(REC)
+    rep = score_records([rec], judge_for(srv, parse_retries=1), workers=2)
+    assert rep.n_failed == 4 and "mle" not in rec
+    assert all(why in reason for _, _, reason in rep.failures), rep.failures
+    srv2 = server([("raw", body)], default=GOOD)  # a bad reply, then a good one: re-asked
+    assert judge_for(srv2, parse_retries=1).score("Q?", "ref", "cand", {}) == MLEResult(5, 4, 3)
+
+
+def test_an_exception_in_one_call_is_that_answers_failure():
+    class Flaky(Judge):
+        name = "flaky"
+
+        def score(self, question, reference_answer, candidate, record):
+            if candidate == "boom":
+                raise RuntimeError("connection pool broke")
+            return MLEResult(3, 3, 3)
+
+    recs = [{"id": "a", "question": "Q?", "answers": ["x", "boom"]},
+            {"id": "b", "question": "Q?", "answers": ["x", "y"]}]
+    rep = score_records(recs, Flaky(), workers=2)
+    assert rep.n_failed == 1 and rep.n_judged == 3 and recs[1]["mle"] == [[3, 3, 3]] * 2
+    assert rep.failures == [("a", 1, "flaky judge raised RuntimeError: connection pool broke")]
+
+
 def test_score_records_concurrent_dedup_and_keep(server):
     def reply(body):  # score depends on the candidate, so any order of requests is fine
         cand = body["messages"][1]["content"].rsplit("Candidate answer: ", 1)[1]
@@ -308,3 +356,28 @@ def test_cli_oracle(tmp_path, capsys):
     assert main(["--data", str(data), "--judge", "oracle", "--in_place"]) == 0
     rec = json.loads(data.read_text())
     assert len(rec["mle"]) == 4 and all(1 <= s <= 5 for row in rec["mle"] for s in row)
+
+
+def test_cli_rescore_in_place_keeps_the_earlier_score_on_failure(server, tmp_path, monkeypatch,
+                                                                 capsys):
+    srv = server(default=("raw", b"not json"))  # every new call fails
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    data = tmp_path / "d.jsonl"
+    _write(data, [_qa(0, mle=[[2, 2, 2]] * 4), _qa(1)])
+    assert main(["--data", str(data), "--judge", "openai", "--base_url", srv.url, "--rescore",
+                 "--in_place", "--max_retries", "0", "--parse_retries", "0"]) == 1
+    assert "1 kept their earlier score" in capsys.readouterr().out
+    recs = [json.loads(line) for line in data.read_text().splitlines()]
+    assert recs[0]["mle"] == [[2, 2, 2]] * 4 and "mle" not in recs[1]
+
+
+@pytest.mark.parametrize("argv, why", [
+    (["--workers", "0"], "argument --workers: 0 must be >= 1"),
+    (["--parse_retries", "-1"], "argument --parse_retries: -1 must be >= 0"),
+    (["--timeout", "0"], "argument --timeout: 0 must be > 0"),
+])
+def test_cli_argument_errors(tmp_path, capsys, argv, why):
+    with pytest.raises(SystemExit) as e:
+        main(["--data", str(tmp_path / "d.jsonl"), "--judge", "oracle", *argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"error: {why}") and err.count("\n") == 1

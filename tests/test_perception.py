@@ -92,5 +92,5 @@ def test_cli_writes_a_loadable_internvit(tmp_path):
     main(["--out", str(out), "--renders", "4", "--held_out", "2", "--steps", "1", "--batch", "2"])
     vit = InternViT.from_pretrained(out)
     assert vit.cfg.dim == 128 and (out / "perception.json").is_file()
-    with pytest.raises(SystemExit, match="not empty"):
+    with pytest.raises(FileExistsError, match="not empty"):
         main(["--out", str(out), "--renders", "4", "--steps", "1"])

@@ -26,7 +26,8 @@ from pathlib import Path
 
 from sage.config import SageConfig
 from sage.runs import new_run_dir
-from sage.tools.args import Parser
+from sage.tools.args import Parser, at_least
+from sage.tools.errors import run_main
 from sage.tools.quickstart import EDPO_GLOBAL_BATCH, run
 
 
@@ -55,8 +56,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--base", default="weights/sage-tiny-base", help="pretrained base VLM")
     p.add_argument("--out", default="runs/ablations", help="run directory")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds")
-    p.add_argument("--sfe_steps", type=int, default=200, help="Stage 1 optimizer steps")
-    p.add_argument("--edpo_steps", type=int, default=30, help="Stage 2 optimizer steps")
+    p.add_argument("--sfe_steps", type=at_least(1), default=200, help="Stage 1 optimizer steps")
+    p.add_argument("--edpo_steps", type=at_least(1), default=30, help="Stage 2 optimizer steps")
     p.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True,
                    help="also run the N / K sweep (Fig. 7)")
     p.add_argument("--fast", action="store_true", help="2 steps each, 20 test records")
@@ -65,7 +66,8 @@ def main(argv: list[str] | None = None) -> None:
         args.sfe_steps = args.edpo_steps = 2
     py, data, out = sys.executable, Path(args.data), Path(args.out)
     if not (data / "manifest.json").exists():
-        raise SystemExit(f"{data}: no SynthAD here; run `python -m sage.tools.quickstart` first")
+        raise FileNotFoundError(f"{data}: no SynthAD here (no manifest.json); run "
+                                f"`python -m sage.tools.quickstart` first")
     new_run_dir(out)  # an earlier run is renamed aside, never overwritten
     log = out / "ablations.log"
     limit = ["--limit", "20"] if args.fast else []
@@ -120,4 +122,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

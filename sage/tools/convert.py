@@ -9,10 +9,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from sage.data.convert import IMPORTERS, convert
 from sage.tools.args import Parser
+from sage.tools.errors import run_main
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -30,15 +30,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--check_images", action=argparse.BooleanOptionalAction, default=False,
                    help="open every referenced image (exists and decodes)")
     a = p.parse_args(argv)
-    try:
-        n, n_skipped, errors = convert(a.format, a.input, a.output, a.root, a.source,
-                                       a.skip_bad, a.check_images)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    n, n_skipped, errors = convert(a.format, a.input, a.output, a.root, a.source, a.skip_bad,
+                                   a.check_images)  # a bad input: one line `error: ...`, exit 2
     print(f"wrote {n} records to {a.output}; skipped {n_skipped} item(s)")
     for e in errors[:5]:
         print(f"  skipped: {e}")
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

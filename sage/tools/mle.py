@@ -5,7 +5,8 @@ JSONL file, with SynthAD's oracle judge or an OpenAI-compatible LLM judge (sage.
     python -m sage.tools.mle --data data/synthad/edpo_train.jsonl --judge oracle --in_place
     OPENAI_API_KEY=... python -m sage.tools.mle --data visa.jsonl --judge openai --workers 8
 
-Exit status 1 if any answer could not be scored (its record keeps no `mle`).
+Exit status 1 if any answer could not be scored (its record keeps no `mle`, or with --rescore
+the `mle` it had); a bad input or argument: one line `error: ...`, exit 2.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from pathlib import Path
 
 from sage.data.schema import load_jsonl, write_jsonl
 from sage.mle import Judge, OpenAIJudge, OracleJudge, score_records
-from sage.tools.args import Parser
+from sage.tools.args import Parser, at_least, positive
+from sage.tools.errors import run_main
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,11 +39,11 @@ def main(argv: list[str] | None = None) -> int:
                         "the key comes only from OPENAI_API_KEY, never from a flag")
     p.add_argument("--cache", default=None,
                    help="openai: JSONL cache of scores (None: DATA stem + .mle_cache.jsonl)")
-    p.add_argument("--workers", type=int, default=8, help="concurrent judge requests")
-    p.add_argument("--max_retries", type=int, default=5,
+    p.add_argument("--workers", type=at_least(1), default=8, help="concurrent judge requests")
+    p.add_argument("--max_retries", type=at_least(0), default=5,
                    help="openai: client retries with backoff on 429 / 5xx / timeouts")
-    p.add_argument("--timeout", type=float, default=60.0, help="openai: seconds per request")
-    p.add_argument("--parse_retries", type=int, default=2,
+    p.add_argument("--timeout", type=positive(), default=60.0, help="openai: seconds per request")
+    p.add_argument("--parse_retries", type=at_least(0), default=2,
                    help="openai: re-asks after an unusable reply before recording a failure")
     p.add_argument("--json_mode", action=argparse.BooleanOptionalAction, default=False,
                    help="openai: request response_format json_object")
@@ -77,11 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     write_jsonl(records, out)
     print(f"{len(records)} records -> {out}: scored {rep.n_judged + rep.n_cached} answers "
           f"(judged {rep.n_judged}, cached {rep.n_cached}), failed {rep.n_failed}, "
-          f"kept {rep.n_kept} records already scored")
+          f"kept {rep.n_kept} records already scored"
+          + (f", {rep.n_kept_old} kept their earlier score" if rep.n_kept_old else ""))
     for rid, i, why in rep.failures:
         print(f"  failed: record {rid} answer {i}: {why}")
     return 1 if rep.n_failed else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -17,23 +17,26 @@ from sage.checkpoint import save_pretrained
 from sage.config import SageConfig
 from sage.models.intern_vit import InternViT
 from sage.perception import make_pool, pretrain
-from sage.tools.args import Parser
+from sage.tools.args import Parser, at_least, positive
+from sage.tools.errors import run_main
 
 
 def main(argv: list[str] | None = None) -> None:
     p = Parser(description=__doc__)
     p.add_argument("--preset", default="tiny", help="SageConfig preset whose vision tower to train")
     p.add_argument("--out", required=True, help="output InternViT directory (HF layout)")
-    p.add_argument("--renders", type=int, default=6000, help="training shots rendered up front")
-    p.add_argument("--held_out", type=int, default=400, help="held-out shots for the figures")
-    p.add_argument("--steps", type=int, default=2400, help="optimiser steps")
-    p.add_argument("--batch", type=int, default=32, help="shots per step")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    p.add_argument("--renders", type=at_least(1), default=6000,
+                   help="training shots rendered up front")
+    p.add_argument("--held_out", type=at_least(1), default=400,
+                   help="held-out shots for the figures")
+    p.add_argument("--steps", type=at_least(1), default=2400, help="optimiser steps")
+    p.add_argument("--batch", type=at_least(1), default=32, help="shots per step")
+    p.add_argument("--lr", type=positive(), default=1e-3, help="peak learning rate")
     p.add_argument("--seed", type=int, default=0, help="render and init seed")
     args = p.parse_args(argv)
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
-        raise SystemExit(f"{out}: exists and is not empty; choose another --out")
+        raise FileExistsError(f"{out}: exists and is not empty; choose another --out")
     cfg = SageConfig.preset(args.preset).vision
     torch.manual_seed(args.seed)
     vit = InternViT(cfg)
@@ -49,4 +52,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 
 from sage.runs import new_run_dir
-from sage.tools.args import Parser
+from sage.tools.args import Parser, at_least, positive
+from sage.tools.errors import run_main
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: the stage scripts live at its top
 EDPO_GLOBAL_BATCH = 16  # instances per E-DPO step (2 pairs, 4 sequences each): ~2.5 s on 2 cores
@@ -50,9 +51,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--base", default="weights/sage-tiny-base", help="pretrained base VLM")
     p.add_argument("--out", default="runs/quickstart", help="run directory")
     p.add_argument("--seed", type=int, default=0, help="data and training seed")
-    p.add_argument("--sfe_steps", type=int, default=200, help="Stage 1 optimizer steps")
-    p.add_argument("--edpo_steps", type=int, default=30, help="Stage 2 optimizer steps")
-    p.add_argument("--scale", type=float, default=1.0, help="SynthAD size multiplier")
+    p.add_argument("--sfe_steps", type=at_least(1), default=200, help="Stage 1 optimizer steps")
+    p.add_argument("--edpo_steps", type=at_least(1), default=30, help="Stage 2 optimizer steps")
+    p.add_argument("--scale", type=positive(), default=1.0, help="SynthAD size multiplier")
     p.add_argument("--fast", action="store_true", help="tiny sizes and 2 steps each (smoke)")
     args = p.parse_args(argv)
     if args.fast:
@@ -84,4 +85,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -13,7 +13,8 @@ import torch
 
 import sage
 from sage.data import SFEDataset, load_jsonl
-from sage.tools.args import Parser
+from sage.tools.args import Parser, at_least
+from sage.tools.errors import run_main
 from sage.visualize import visualize_selection
 
 
@@ -22,15 +23,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", required=True, help="InternVL2-layout model directory")
     p.add_argument("--data", default="data/synthad", help="data root holding the JSONL splits")
     p.add_argument("--split", default="test_unseen", help="JSONL split")
-    p.add_argument("--n", type=int, default=4, help="pictures: the first N records with a "
-                                                    "reference image")
+    p.add_argument("--n", type=at_least(1), default=4,
+                   help="pictures: the first N records with a reference image")
     p.add_argument("--out", default="runs/selection", help="output folder of the PNGs")
     args = p.parse_args(argv)
 
     records = [r for r in load_jsonl(Path(args.data) / f"{args.split}.jsonl", kind="qa")
                if r.get("reference_image")][:args.n]
     if not records:
-        raise SystemExit(f"{args.data}/{args.split}.jsonl: no record with a reference image")
+        raise ValueError(f"{args.data}/{args.split}.jsonl: no record with a reference image")
     model = sage.load_pretrained(args.model, dtype=torch.float32, device="cpu").eval()
     dataset = SFEDataset(records, args.data, model.cfg, setting="one-shot")
     for i, rec in enumerate(records):
@@ -41,4 +42,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

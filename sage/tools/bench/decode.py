@@ -24,8 +24,9 @@ import torch
 
 from sage.config import SageConfig
 from sage.models.llama import Llama
-from sage.tools.args import Parser
+from sage.tools.args import Parser, at_least, positive
 from sage.tools.bench import print_profile
+from sage.tools.errors import run_main
 
 
 def copy_bandwidth(device: torch.device, n_bytes: int, repeats: int, sync) -> float:
@@ -46,11 +47,12 @@ def copy_bandwidth(device: torch.device, n_bytes: int, repeats: int, sync) -> fl
 def main(argv: list[str] | None = None) -> None:
     p = Parser(description=__doc__)
     p.add_argument("--preset", default="internvl2-40b", help="LLM width from this preset")
-    p.add_argument("--layers", type=int, default=4, help="decoder layers in the slice")
-    p.add_argument("--prompt", type=int, default=1024, help="prefilled prompt tokens")
-    p.add_argument("--tokens", type=int, default=64, help="timed decode steps (after 8 warm-up)")
-    p.add_argument("--copy_gib", type=float, default=2.0, help="bandwidth probe size (GiB)")
-    p.add_argument("--profile", type=int, default=0, metavar="N",
+    p.add_argument("--layers", type=at_least(1), default=4, help="decoder layers in the slice")
+    p.add_argument("--prompt", type=at_least(1), default=1024, help="prefilled prompt tokens")
+    p.add_argument("--tokens", type=at_least(1), default=64,
+                   help="timed decode steps (after 8 warm-up)")
+    p.add_argument("--copy_gib", type=positive(), default=2.0, help="bandwidth probe size (GiB)")
+    p.add_argument("--profile", type=at_least(0), default=0, metavar="N",
                    help="also profile 4 decode steps and print their N costliest kernels")
     args = p.parse_args(argv)
 
@@ -115,4 +117,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

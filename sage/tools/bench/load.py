@@ -29,7 +29,8 @@ import sys
 import time
 from pathlib import Path
 
-from sage.tools.args import Parser
+from sage.tools.args import Parser, at_least, positive
+from sage.tools.errors import run_main
 
 MARKER = "sage_bench_load.json"  # only directories carrying this file are ever deleted
 CHUNK = 16 << 20
@@ -38,11 +39,11 @@ CHUNK = 16 << 20
 def parse_args(argv=None) -> argparse.Namespace:
     p = Parser(description=__doc__)
     # checkpoint
-    p.add_argument("--size_gb", type=float, default=4.0, help="synthetic checkpoint size (GB)")
-    p.add_argument("--shard_gb", type=float, default=0.5, help="max bytes per shard file (GB)")
+    p.add_argument("--size_gb", type=positive(), default=4.0, help="synthetic checkpoint size (GB)")
+    p.add_argument("--shard_gb", type=positive(), default=0.5, help="max bytes per shard file (GB)")
     p.add_argument("--dir", default="/tmp/sage_bench_load", help="where the checkpoint goes")
     # runtime
-    p.add_argument("--repeats", type=int, default=2,
+    p.add_argument("--repeats", type=at_least(1), default=2,
                    help="runs per job and cache state (the fastest is kept)")
     p.add_argument("--keep", action=argparse.BooleanOptionalAction, default=False,
                    help="keep the checkpoint directory afterwards")
@@ -262,4 +263,4 @@ def report(results: dict, total: int, dropped: list[int]) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

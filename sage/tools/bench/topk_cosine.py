@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from sage.kernels.topk_cosine import _kernels, nn_scores_triton, select_lowest, topk_cosine
-from sage.tools.args import Parser
+from sage.tools.args import Parser, at_least
+from sage.tools.errors import run_main
 
 GPU_SHAPES = ["32,256,256,7168", "8,3328,3328,7168", "32,1024,1024,3200"]  # B,P,R,C
 CPU_SHAPES = ["2,64,64,256"]
@@ -111,7 +112,8 @@ def split_sweep(B, P, R, C, dtype, splits=(1, 2, 4, 8)):
 
 def main(argv: list[str] | None = None) -> None:
     parser = Parser(description=__doc__)
-    parser.add_argument("--k", type=int, default=32, help="K selected tokens (SageConfig.top_k)")
+    parser.add_argument("--k", type=at_least(1), default=32,
+                        help="K selected tokens (SageConfig.top_k)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="input dtype")
     parser.add_argument("--sweep", action="store_true",
                         help="also time the Triton scores for n_split 1..8, norms fused or not")
@@ -157,4 +159,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -21,8 +21,9 @@ import torch
 from sage.config import SageConfig
 from sage.distributed import build_model, build_optimizer, cleanup, init_distributed
 from sage.plan import count_params, format_plan, plan_memory
-from sage.tools.args import Parser
+from sage.tools.args import Parser, at_least
 from sage.tools.bench import print_profile
+from sage.tools.errors import run_main
 from sage.training import grad_norm_and_clip
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense tensor-core FLOP/s
@@ -88,14 +89,15 @@ def report_cuda(cfg: SageConfig, args, flops: float, dt: float, dt_fb: float) ->
 def main(argv: list[str] | None = None) -> None:
     p = Parser(description=__doc__)
     p.add_argument("--preset", default="internvl2-40b", help="SageConfig preset of the slice")
-    p.add_argument("--llm_layers", type=int, default=2, help="decoder layers in the slice")
-    p.add_argument("--vit_layers", type=int, default=1, help="InternViT blocks in the slice")
-    p.add_argument("--batch", type=int, default=2, help="micro-batch")
-    p.add_argument("--seq_len", type=int, default=2048, help="tokens per sample")
-    p.add_argument("--steps", type=int, default=10, help="timed steps (after 3 warm-up)")
+    p.add_argument("--llm_layers", type=at_least(1), default=2, help="decoder layers in the slice")
+    p.add_argument("--vit_layers", type=at_least(1), default=1,
+                   help="InternViT blocks in the slice")
+    p.add_argument("--batch", type=at_least(1), default=2, help="micro-batch")
+    p.add_argument("--seq_len", type=at_least(1), default=2048, help="tokens per sample")
+    p.add_argument("--steps", type=at_least(1), default=10, help="timed steps (after 3 warm-up)")
     p.add_argument("--activation_checkpointing", action=argparse.BooleanOptionalAction,
                    default=False, help="recompute each block in backward")
-    p.add_argument("--profile", type=int, default=0, metavar="N",
+    p.add_argument("--profile", type=at_least(0), default=0, metavar="N",
                    help="after timing, profile one step and print its N costliest kernels")
     args = p.parse_args(argv)
 
@@ -153,4 +155,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
