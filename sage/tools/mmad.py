@@ -16,6 +16,7 @@ import torch
 import sage
 from sage.mmad import answer_mmad, format_mmad_report, load_mmad, mmad_accuracy
 from sage.tools.args import Parser
+from sage.tools.errors import run_main
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -48,4 +49,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
