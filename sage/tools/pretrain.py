@@ -19,14 +19,15 @@ import torch
 
 from sage.checkpoint import load_into
 from sage.config import SageConfig
-from sage.data import Collator, GeneralDataset, ResumableDistributedSampler, load_jsonl
+from sage.data import Collator, GeneralDataset, ResumableDistributedSampler
 from sage.distributed import (all_reduce_sum, build_model, build_optimizer, cleanup,
                               init_distributed, print0)
 from sage.inference import to_device
 from sage.names import INTERNVIT_KEY_MAP
-from sage.runs import check_run_dir, export_model, resume, save_checkpoint
+from sage.runs import check_run_dir, export_model, resume, save_checkpoint, start_run
 from sage.tokenizer import Tokenizer
-from sage.tools.args import Parser, add_optim_args, add_runtime_args
+from sage.tools.args import Parser, add_optim_args, add_runtime_args, at_least, load_records
+from sage.tools.errors import run_main
 from sage.training import (MetricsLog, accumulation_steps, check_finite, eta, grad_norm_and_clip,
                            lr_at, resolve_recipe, seed_everything, status_line)
 
@@ -47,31 +48,31 @@ def main(argv: list[str] | None = None) -> None:
     # data
     p.add_argument("--data", default="data/synthad", help="data root holding the JSONL splits")
     p.add_argument("--split", default="pretrain", help="JSONL split (kind general)")
-    p.add_argument("--max_len", type=int, default=None, help="truncate sequences (tokens)")
+    p.add_argument("--max_len", type=at_least(1), default=None, help="truncate sequences (tokens)")
     # optimisation
     add_optim_args(p)
     # runtime
     add_runtime_args(p, out="runs/pretrain")
     args = p.parse_args(argv)
+    cfg = SageConfig.preset(args.preset, facts_mode="none")  # an unknown preset: before any work
 
     # ------------------------------------------------------------------------- distributed, seeds
     dist = init_distributed(args.device)
     seed_everything(args.seed + dist.rank)
-    run_dir = Path(args.out)
-    check_run_dir(run_dir, args.resume)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    accum = accumulation_steps(args.global_batch, dist.world_size, args.micro_batch)
+    run_dir = Path(args.out)  # checked now; written only once every input has been read
+    check_run_dir(run_dir, args.resume, vars(args), args.resume_force)
+    data_file = Path(args.data) / f"{args.split}.jsonl"
+    records = load_records(data_file, "general", args.skip_bad)  # images checked before work
 
     # ------------------------------------------------------------------------- model
     tokenizer = Tokenizer.from_pretrained(args.tokenizer or args.data)
-    cfg = SageConfig.preset(args.preset, facts_mode="none")
     # the embedding table follows the trained tokenizer's vocabulary
     cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm,
                                                            vocab_size=tokenizer.vocab_size))
     lr, warmup, max_steps = resolve_recipe(args, cfg, RECIPES)
     print0(f"config: {json.dumps(cfg.to_dict())}")
     print0(f"lr {lr:g}, warmup {warmup}, steps {max_steps}")
-    (run_dir / "config.json").write_text(json.dumps({"model": cfg.to_dict(), "args": vars(args)},
-                                                    indent=2))
     model = build_model(cfg, dist, None, stage="pretrain",
                         activation_checkpointing=args.activation_checkpointing,
                         cpu_offload=args.cpu_offload)
@@ -82,15 +83,13 @@ def main(argv: list[str] | None = None) -> None:
     optimizer = build_optimizer(model, lr, args.weight_decay, dist.device)
 
     # ------------------------------------------------------------------------- data
-    data_file = Path(args.data) / f"{args.split}.jsonl"
-    records = load_jsonl(data_file, kind="general")
     dataset = GeneralDataset(records, args.data, cfg)
     collate = Collator(tokenizer, cfg, facts_mode="none", max_len=args.max_len)
-    accum = accumulation_steps(args.global_batch, dist.world_size, args.micro_batch)
     sampler = ResumableDistributedSampler(len(records), dist.rank, dist.world_size,
                                           seed=args.seed)
     print0(f"data: {len(records)} records from {data_file}; global batch {args.global_batch} = "
            f"{dist.world_size} ranks x {args.micro_batch} x {accum} accumulation steps")
+    start_run(run_dir, vars(args), dist.rank, cfg.to_dict())  # lock, partial saves, config.json
 
     # ------------------------------------------------------------------------- resume
     step = resume(run_dir, model, optimizer, sampler, dist.rank) if args.resume else 0
@@ -148,4 +147,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
