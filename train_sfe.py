@@ -21,16 +21,19 @@ from pathlib import Path
 import torch
 
 from sage.config import SageConfig
-from sage.data import Collator, ResumableDistributedSampler, SFEDataset, load_jsonl
+from sage.data import Collator, ResumableDistributedSampler, SFEDataset
 from sage.distributed import (all_reduce_sum, build_model, build_optimizer, cleanup,
                               init_distributed, print0)
 from sage.inference import to_device
-from sage.runs import check_run_dir, export_model, resume, save_checkpoint
+from sage.runs import check_run_dir, export_model, resume, save_checkpoint, start_run
 from sage.tokenizer import Tokenizer
-from sage.tools.args import Parser, add_optim_args, add_runtime_args
+from sage.tools.args import Parser, add_optim_args, add_runtime_args, load_records
+from sage.tools.errors import report_errors
 from sage.training import (MetricsLog, accumulation_steps, check_finite, eta, flops_per_token,
                            grad_norm_and_clip, lr_at, resolve_recipe, seed_everything,
                            status_line)
+
+report_errors()  # an expected error: one line `error: ...`, exit 2 (--debug: traceback)
 
 # ----------------------------------------------------------------------------- arguments
 p = Parser(description=__doc__)
@@ -67,18 +70,17 @@ except (ValueError, KeyError, FileNotFoundError) as e:
 # ----------------------------------------------------------------------------- distributed, seeds
 dist = init_distributed(args.device)
 seed_everything(args.seed + dist.rank)
-run_dir = Path(args.out)
-check_run_dir(run_dir, args.resume)
-run_dir.mkdir(parents=True, exist_ok=True)
+accum = accumulation_steps(args.global_batch, dist.world_size, args.micro_batch)
+run_dir = Path(args.out)  # checked now; written only once every input has been read
+check_run_dir(run_dir, args.resume, vars(args), args.resume_force)
+data_file = Path(args.data) / f"{args.split}.jsonl"
+records = load_records(data_file, "qa", args.skip_bad)  # every image checked before any work
 
 # ----------------------------------------------------------------------------- model
 tokenizer = Tokenizer.from_pretrained(args.init)
 lr, warmup, max_steps = resolve_recipe(args, cfg, RECIPES)
 print0(f"config: {json.dumps(cfg.to_dict())}")
 print0(f"lr {lr:g}, warmup {warmup}, steps {max_steps}")
-(run_dir / "config.json").write_text(json.dumps({"model": cfg.to_dict(), "args": vars(args)},
-                                                indent=2))
-
 model = build_model(cfg, dist, args.init, stage="sfe",
                     activation_checkpointing=args.activation_checkpointing,
                     cpu_offload=args.cpu_offload)
@@ -86,15 +88,13 @@ model.tokenizer = tokenizer
 optimizer = build_optimizer(model, lr, args.weight_decay, dist.device)
 
 # ----------------------------------------------------------------------------- data
-data_file = Path(args.data) / f"{args.split}.jsonl"
-records = load_jsonl(data_file, kind="qa")
 settings = ["one-shot", "zero-shot"] if args.setting == "mixed" else [args.setting]
 datasets = {s: SFEDataset(records, args.data, cfg, setting=s) for s in settings}
 collate = Collator(tokenizer, cfg, facts_mode=cfg.facts_mode, max_len=args.max_len)
-accum = accumulation_steps(args.global_batch, dist.world_size, args.micro_batch)
 sampler = ResumableDistributedSampler(len(records), dist.rank, dist.world_size, seed=args.seed)
 print0(f"data: {len(records)} records from {data_file}; global batch {args.global_batch} = "
        f"{dist.world_size} ranks x {args.micro_batch} x {accum} accumulation steps")
+start_run(run_dir, vars(args), dist.rank, cfg.to_dict())  # lock, clean partial saves, config.json
 
 # ----------------------------------------------------------------------------- resume
 step = resume(run_dir, model, optimizer, sampler, dist.rank) if args.resume else 0

@@ -146,14 +146,14 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(base, synth, tmp_path):
     # existing step, after all the work, and its pruning could delete the earlier run's)
     proc = run("train_sfe.py", "--init", str(base), "--data", str(synth), "--max_steps", "1",
                "--out", str(out), *SMALL, check=False)
-    assert proc.returncode != 0
-    assert f"holds checkpoints of an earlier run ({ckpt.name})" in proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "holds an earlier run (" in proc.stderr and ckpt.name in proc.stderr
     assert latest_checkpoint(out) == ckpt
 
 
 def test_plan_runs_without_allocating():
     proc = run("-m", "sage.tools.plan", "--preset", "internvl2-40b", "--world", "8", timeout=60)
-    assert "fits" in proc.stdout and "activation checkpointing True" in proc.stdout
+    assert "| sfe | 71.3 | yes |" in proc.stdout and "| evaluate |" in proc.stdout
 
 
 def test_edpo_two_processes_resume_and_ref_cache(base, synth, tmp_path):
