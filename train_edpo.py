@@ -3,13 +3,17 @@
 Policy and frozen reference both start from the SFE export. InternViT, the fusion attention
 and its head are frozen; the adapter and the LLM are trained. Per instance, the judge's
 sub-scores give S_i (Eq. 3), the answer entropies H_i (Eq. 4) and two pairs (Eq. 5): the
-extreme pair (a_1, a_L) with dH_max and the adjacent pair (a_i^, a_i^+1) with dH_min. Chosen
-and rejected answers go through one forward; the loss is Eq. 6-7 averaged over all pairs.
+extreme pair (a_1, a_L) with dH_max and the adjacent pair (a_i^, a_i^+1) with dH_min. An
+instance is one packed row (its prompt once, each answer it needs as a segment), so chosen and
+rejected answers go through one forward; the loss is Eq. 6-7 averaged over all pairs. With
+--ref_cache the reference log-probs are computed in one batched pass before training
+(`--tp N` shards that pass over N ranks per model copy) and the reference is then dropped.
 
     python -m sage.tools.mle --data data/synthad/edpo_train.jsonl --judge oracle --in_place
     python train_edpo.py                                  # tiny default, from runs/sfe/export
     torchrun --nproc_per_node=8 train_edpo.py --init runs/sfe40b/export --data data/adpl \\
-        --split visa_train --ref_cache runs/edpo40b/ref_logps.json --activation_checkpointing
+        --split visa_train --ref_cache runs/edpo40b/ref_logps.json --tp 8 \\
+        --micro_batch 4 --activation_checkpointing
     python train_edpo.py --loss dpo                       # ablation: eta = 0, extreme pair only
 
 Defaults: beta = 0.1, the usual DPO strength (the paper gives none); eta = 1.0. Under Eq. 4
@@ -21,23 +25,28 @@ small against the beta-scaled margins the policy learns.
 import dataclasses
 import itertools
 import json
-import os
 import time
 from pathlib import Path
 
 import torch
 
 from sage.config import SageConfig
-from sage.data import EDPOCollator, EDPODataset, ResumableDistributedSampler, load_jsonl
+from sage.data import EDPOCollator, EDPODataset, ResumableDistributedSampler
 from sage.distributed import (all_reduce_sum, build_model, build_optimizer, cleanup,
-                              gather_objects, init_distributed, print0)
+                              init_distributed, print0)
 from sage.inference import to_device
-from sage.losses import answer_logprobs, dpo_rewards, edpo_loss
-from sage.runs import check_run_dir, export_model, resume, save_checkpoint
+from sage.losses import dpo_rewards, edpo_loss
+from sage.reference import cache_meta, load_cache, ref_key, reference_logps, save_cache
+from sage.runs import check_run_dir, export_model, resume, save_checkpoint, start_run
+from sage.tensor_parallel import load_sharded, make_mesh
 from sage.tokenizer import Tokenizer
-from sage.tools.args import Parser, add_optim_args, add_runtime_args
-from sage.training import (MetricsLog, accumulation_steps, check_finite, eta, grad_norm_and_clip,
-                           lr_at, resolve_recipe, seed_everything, status_line)
+from sage.tools.args import Parser, add_optim_args, add_runtime_args, at_least, load_records
+from sage.tools.errors import report_errors
+from sage.training import (MetricsLog, Progress, accumulation_steps, check_finite, eta,
+                           grad_norm_and_clip, lr_at, resolve_recipe, seed_everything,
+                           status_line)
+
+report_errors()  # an expected error: one line `error: ...`, exit 2 (--debug: traceback)
 
 # ----------------------------------------------------------------------------- arguments
 p = Parser(description=__doc__)
@@ -58,8 +67,11 @@ p.add_argument("--beta", type=float, default=0.1, help="beta of Eq. 6-7 (DPO str
 p.add_argument("--eta", type=float, default=1.0, help="eta of Eq. 6 (entropy bias scale)")
 p.add_argument("--tau", type=float, default=1.0, help="softmax temperature of Eq. 4")
 p.add_argument("--ref_cache", default=None,
-               help="JSON file of precomputed reference log-probs (computed if absent); "
-                    "without it the reference model stays in memory")
+               help="JSON file of reference log-probs, computed if absent, refused if made from "
+                    "another --init / data / setting / max_len; without it the reference "
+                    "model stays in memory")
+p.add_argument("--tp", type=at_least(1), default=1,
+               help="tensor-parallel ranks per reference copy for the --ref_cache pass")
 # optimisation
 add_optim_args(p)
 # runtime
@@ -68,85 +80,86 @@ args = p.parse_args()
 
 RECIPES = {"paper": dict(lr=2e-6, warmup=100, max_steps=2000),
            "tiny": dict(lr=5e-5, warmup=10, max_steps=60)}
+if args.tp > 1 and not args.ref_cache:
+    p.error("--tp shards the reference for the one --ref_cache pass; pass --ref_cache FILE")
 eta_value = 0.0 if args.loss == "dpo" else args.eta
 pairs = "extreme" if args.loss == "dpo" else "both"
 # The config is built once: --init's, with --facts replacing facts_mode (checked by __post_init__)
 try:
     cfg = SageConfig.from_pretrained(args.init)
-    cfg = dataclasses.replace(cfg, facts_mode=args.facts or cfg.facts_mode)
+    cfg = dataclasses.replace(cfg, facts_mode=args.facts or cfg.facts_mode,
+                              system_message=(cfg.system_message if args.system_message is None
+                                              else args.system_message))
 except (ValueError, KeyError, FileNotFoundError) as e:
     p.error(str(e))
 
 # ----------------------------------------------------------------------------- distributed, seeds
 dist = init_distributed(args.device)
 seed_everything(args.seed + dist.rank)
-run_dir = Path(args.out)
-check_run_dir(run_dir, args.resume)
-run_dir.mkdir(parents=True, exist_ok=True)
+accum = accumulation_steps(args.global_batch, dist.world_size, args.micro_batch)
+run_dir = Path(args.out)  # checked now; written only once every input has been read
+check_run_dir(run_dir, args.resume, vars(args), args.resume_force)
+records = load_records(Path(args.data) / f"{args.split}.jsonl", "qa", args.skip_bad)
+
+# ----------------------------------------------------------------------------- data
+tokenizer = Tokenizer.from_pretrained(args.init)
+settings = ["one-shot", "zero-shot"] if args.setting == "mixed" else [args.setting]
+datasets = {s: EDPODataset(records, args.data, cfg, setting=s) for s in settings}
+collate = EDPOCollator(tokenizer, cfg, pairs=pairs, temperature=args.tau, max_len=args.max_len)
+sampler = ResumableDistributedSampler(len(records), dist.rank, dist.world_size, seed=args.seed)
+
+# ----------------------------------------------------------------------------- reference (Eq. 6-7)
+# log pi_ref from a cache made from these very inputs, or one batched pass of the frozen
+# reference written to --ref_cache, or (no --ref_cache) the reference kept beside the policy.
+ref_table, reference = None, None
+if args.ref_cache:
+    meta = cache_meta(args.init, Path(args.data) / f"{args.split}.jsonl", settings, args.max_len)
+    ref_table = load_cache(args.ref_cache, meta)  # None when absent, an error when stale
+    if ref_table is not None:
+        print0(f"reference log-probs: {len(ref_table)} from {args.ref_cache}")
+if ref_table is None:
+    if args.tp > 1:  # inference-only sharding: every rank of a group needs the same batch
+        mesh = make_mesh(dist, args.tp)
+        reference = load_sharded(args.init, mesh["tp"], cfg=cfg, device=dist.device,
+                                 dtype=torch.bfloat16 if dist.device.type == "cuda" else None)
+        dp_rank, dp_size = mesh["dp"].get_local_rank(), mesh["dp"].size()
+        writer = mesh["tp"].get_local_rank() == 0
+    else:  # FSDP2-sharded over the world, bf16 on CUDA
+        reference = build_model(cfg, dist, args.init, stage="frozen",
+                                cpu_offload=args.cpu_offload, init_seed=args.seed)
+        dp_rank, dp_size, writer = dist.rank, dist.world_size, True
+    reference.tokenizer = tokenizer
+    reference.eval()
+if args.ref_cache and ref_table is None:
+    progress = Progress("reference log-probs", len(records) * len(settings), "records",
+                        printer=print0)
+    ref_table = reference_logps(reference, datasets, collate, args.micro_batch, dp_rank,
+                                dp_size, writer, dist.device, progress.update)
+    if dist.is_main:
+        save_cache(args.ref_cache, meta, ref_table)
+    print0(f"reference log-probs: computed {len(ref_table)}, cached in {args.ref_cache}")
+    reference = None  # the reference model need not stay in memory
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 # ----------------------------------------------------------------------------- model
-tokenizer = Tokenizer.from_pretrained(args.init)
 lr, warmup, max_steps = resolve_recipe(args, cfg, RECIPES)
 print0(f"config: {json.dumps(cfg.to_dict())}")
 print0(f"loss {args.loss}: beta {args.beta}, eta {eta_value}, pairs {pairs}; lr {lr:g}, "
        f"warmup {warmup}, steps {max_steps}")
-(run_dir / "config.json").write_text(json.dumps({"model": cfg.to_dict(), "args": vars(args)},
-                                                indent=2))
 model = build_model(cfg, dist, args.init, stage="edpo",
                     activation_checkpointing=args.activation_checkpointing,
-                    cpu_offload=args.cpu_offload)
+                    cpu_offload=args.cpu_offload, init_seed=args.seed)
 model.tokenizer = tokenizer
-reference = build_model(cfg, dist, args.init, stage="frozen", cpu_offload=args.cpu_offload)
-reference.tokenizer = tokenizer
-reference.eval()
 optimizer = build_optimizer(model, lr, args.weight_decay, dist.device)
-
-# ----------------------------------------------------------------------------- data
-records = load_jsonl(Path(args.data) / f"{args.split}.jsonl", kind="qa")
-settings = ["one-shot", "zero-shot"] if args.setting == "mixed" else [args.setting]
-datasets = {s: EDPODataset(records, args.data, cfg, setting=s) for s in settings}
-collate = EDPOCollator(tokenizer, cfg, pairs=pairs, temperature=args.tau, max_len=args.max_len)
-accum = accumulation_steps(args.global_batch, dist.world_size, args.micro_batch)
-sampler = ResumableDistributedSampler(len(records), dist.rank, dist.world_size, seed=args.seed)
+start_run(run_dir, vars(args), dist.rank, cfg.to_dict())  # lock, clean partial saves, config.json
 
 
 def answer_logps(net, batch: dict) -> torch.Tensor:
-    """Sequence log-probs of every sequence in an E-DPO batch (chosen first, then rejected)."""
-    logits, _, _ = net({k: v for k, v in batch.items() if k != "labels"})
-    return answer_logprobs(logits, batch["labels"])  # (2M,)
+    """log pi(a|x) of every sequence of a packed E-DPO batch (LM head at answer tokens only)."""
+    _, loss_sum, _ = net(batch, answer_only=True)
+    return -loss_sum  # (S,)
 
-
-def ref_key(rec_id: str, setting: str, rank: int) -> str:
-    return f"{rec_id}|{setting}|{rank}"
-
-
-# ----------------------------------------------------------------------------- reference log-probs
-ref_table = None
-if args.ref_cache:
-    cache = Path(args.ref_cache)
-    if cache.exists():
-        ref_table = json.loads(cache.read_text())
-        print0(f"reference log-probs: {len(ref_table)} from {cache}")
-    else:
-        # One pass of the frozen reference over every (record, setting, answer), split by rank.
-        local = {}
-        with torch.no_grad():
-            for s in settings:
-                for i in range(dist.rank, len(records), dist.world_size):
-                    ex = datasets[s][i]
-                    n = len(ex["answers"])
-                    batch = to_device(collate.build([ex] * n, ex["answers"]), dist.device)
-                    lp = answer_logps(reference, batch)
-                    for r in range(n):
-                        local[ref_key(ex["id"], s, r)] = float(lp[r])
-        ref_table = {k: v for part in gather_objects(local) for k, v in part.items()}
-        if dist.is_main:
-            tmp = cache.with_suffix(".tmp")
-            tmp.write_text(json.dumps(ref_table))
-            os.replace(tmp, cache)
-        print0(f"reference log-probs: computed {len(ref_table)}, cached in {cache}")
-    del reference  # the reference model need not stay in memory
-    reference = None
 
 # ----------------------------------------------------------------------------- resume
 step = resume(run_dir, model, optimizer, sampler, dist.rank) if args.resume else 0
@@ -169,30 +182,32 @@ while step < max_steps:
     stats = torch.zeros(6, device=dist.device)  # loss, margin, acc, dH_max, dH_min, tokens
     for batch in batches:
         batch = to_device(batch, dist.device)
-        M = batch["n_pairs"]
+        w, l = batch["pair_w"], batch["pair_l"]  # (M,) each: sequences of a_w and a_l
         if ref_table is not None:
-            keys = [ref_key(rid, setting, int(r)) for rid, r in
-                    zip(batch["ids"], batch["pair_ranks"].T.reshape(-1).tolist())]
-            ref = torch.tensor([ref_table[k] for k in keys], device=dist.device)  # (2M,)
+            rows = [batch["ids"][b] for b in batch["pair_index"].tolist()]
+            ref_w, ref_l = (torch.tensor([ref_table[ref_key(rid, setting, r)] for rid, r in
+                                          zip(rows, batch["pair_ranks"][:, k].tolist())],
+                                         device=dist.device) for k in (0, 1))  # (M,) each
         else:
             with torch.no_grad():
-                ref = answer_logps(reference, batch)  # (2M,)
+                ref = answer_logps(reference, batch)  # (S,)
+            ref_w, ref_l = ref[w], ref[l]
         # reduce-scatter every micro-batch (sharded accumulation): see train_sfe.py
-        pol = answer_logps(model, batch)  # (2M,): chosen then rejected
-        losses = edpo_loss(pol[:M], pol[M:], ref[:M], ref[M:], batch["pair_delta_h"],
+        pol = answer_logps(model, batch)  # (S,): every answer sequence of the packed rows
+        losses = edpo_loss(pol[w], pol[l], ref_w, ref_l, batch["pair_delta_h"],
                            args.beta, eta_value)  # Eq. 6-7: (M,)
         loss = losses.sum() * dist.world_size / n_pairs  # FSDP averages over ranks
-        check_finite(loss, step, batch["ids"][:M])
+        check_finite(loss, step, batch["ids"])
         loss.backward()
         with torch.no_grad():
-            margin = (dpo_rewards(pol[:M], ref[:M], args.beta)
-                      - dpo_rewards(pol[M:], ref[M:], args.beta))  # (M,)
+            margin = (dpo_rewards(pol[w], ref_w, args.beta)
+                      - dpo_rewards(pol[l], ref_l, args.beta))  # (M,)
             extreme = torch.tensor([k == "extreme" for k in batch["pair_kind"]],
                                    device=dist.device)
             dh = batch["pair_delta_h"]
             stats += torch.stack([losses.sum(), margin.sum(), (margin > 0).float().sum(),
                                   dh[extreme].sum(), dh[~extreme].sum(),
-                                  batch["attention_mask"].sum().float()])
+                                  (batch["position_ids"] >= 0).sum().float()])
     # -- clip, step, zero_grad
     gnorm = grad_norm_and_clip(model, args.grad_clip)
     optimizer.step()
@@ -223,7 +238,8 @@ while step < max_steps:
                         keep_last=args.keep_last)
 
 # ----------------------------------------------------------------------------- export, cleanup
-export_model(model, cfg, tokenizer, run_dir / "export", dist.rank)
+export_model(model, cfg, tokenizer, run_dir / "export", dist.rank,
+             dtype=getattr(torch, args.export_dtype))
 print0(f"exported {run_dir / 'export'}")
 log.close()
 cleanup()

@@ -60,7 +60,8 @@ RECIPES = {"paper": dict(lr=2e-6, warmup=1000, max_steps=5000),
            "tiny": dict(lr=1e-3, warmup=30, max_steps=300)}
 # The config is built once: the flags replace fields of --init's config, and
 # SageConfig.__post_init__ checks them (e.g. --top_k beyond the image tokens) before any work.
-overrides = {"n_facts": args.n_facts, "top_k": args.top_k}
+overrides = {"n_facts": args.n_facts, "top_k": args.top_k,
+             "system_message": args.system_message}
 try:
     cfg = dataclasses.replace(SageConfig.from_pretrained(args.init), facts_mode=args.facts,
                               **{k: v for k, v in overrides.items() if v is not None})
@@ -83,7 +84,7 @@ print0(f"config: {json.dumps(cfg.to_dict())}")
 print0(f"lr {lr:g}, warmup {warmup}, steps {max_steps}")
 model = build_model(cfg, dist, args.init, stage="sfe",
                     activation_checkpointing=args.activation_checkpointing,
-                    cpu_offload=args.cpu_offload)
+                    cpu_offload=args.cpu_offload, init_seed=args.seed)
 model.tokenizer = tokenizer
 optimizer = build_optimizer(model, lr, args.weight_decay, dist.device)
 
@@ -125,7 +126,7 @@ while step < max_steps:
         # No set_requires_gradient_sync(False) on the first micro-batches: FSDP2 would then
         # hold every rank's unsharded gradients in fp32 (sage.plan: 130 GiB for 40B); each
         # micro-batch is reduce-scattered and the sharded gradients accumulate instead.
-        _, loss_sum, _ = model(batch)
+        _, loss_sum, _ = model(batch, answer_only=True)  # LM head at answer tokens only
         # FSDP averages gradients over ranks; x world_size turns that into a global token sum
         loss = loss_sum.sum() * dist.world_size / n_global
         check_finite(loss, step, batch["ids"])
@@ -157,7 +158,8 @@ while step < max_steps:
                         keep_last=args.keep_last)
 
 # ----------------------------------------------------------------------------- export, cleanup
-export_model(model, cfg, tokenizer, run_dir / "export", dist.rank)
+export_model(model, cfg, tokenizer, run_dir / "export", dist.rank,
+             dtype=getattr(torch, args.export_dtype))
 print0(f"exported {run_dir / 'export'}")
 log.close()
 cleanup()

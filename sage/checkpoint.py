@@ -37,7 +37,7 @@ from safetensors import safe_open
 from sage.config import LLMConfig, SageConfig, VisionConfig
 from sage.names import INTERNVIT_KEY_MAP_INV, INTERNVL_KEY_MAP_INV, LLAMA_KEY_MAP_INV, map_key
 from sage.safetensors_io import (INDEX_FILE, SINGLE_FILE, TensorInfo, out_dtype, plan_shards,
-                                 read_checkpoint_index, write_safetensors)
+                                 read_checkpoint_index, read_metadata, write_safetensors)
 
 # ----------------------------------------------------------------------------- model tensors
 
@@ -252,9 +252,34 @@ def _stream(ckpt: dict[str, TensorInfo], pairs: list[tuple[str, str]],
     return total
 
 
+@torch.no_grad()
+def init_fresh(module: nn.Module, seed: int) -> None:
+    """module.init_weights() drawn as one process would draw it, on any number of ranks.
+
+    A sharded parameter (DTensor) initialised in place would draw each rank's shard from that
+    rank's generator: other weights at every world size. Instead every rank draws the whole
+    (small: SAGE's fusion and head) tensors from one seeded generator and keeps its slice.
+    """
+    swapped = []  # (owner module, name, sharded parameter)
+    for sub in module.modules():
+        for name, p in list(sub._parameters.items()):
+            if p is not None and _local_slices(p) is not None:
+                full = torch.empty(p.shape, dtype=p.dtype, device=_local(p).device)
+                swapped.append((sub, name, p))
+                sub._parameters[name] = nn.Parameter(full, requires_grad=p.requires_grad)
+    devices = sorted({p.device.index for _, _, p in swapped if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices):  # the caller's generators stay untouched
+        torch.manual_seed(seed)
+        module.init_weights()
+    for sub, name, p in swapped:
+        _local(p).copy_(sub._parameters[name][_local_slices(p)])
+        sub._parameters[name] = p
+
+
 def load_into(model: nn.Module, directory: str | os.PathLike, key_map: dict[str, str | None],
               dtype: torch.dtype | None = None, strict: bool = True,
-              new_ok: Iterable[str] = (), device: torch.device | str | None = None) -> LoadReport:
+              new_ok: Iterable[str] = (), device: torch.device | str | None = None,
+              init_seed: int = 0) -> LoadReport:
     """Fill `model` from a safetensors checkpoint directory, tensor by tensor, in place.
 
     model: (a) built under torch.device("meta"): load_into materialises it with
@@ -267,7 +292,8 @@ def load_into(model: nn.Module, directory: str | os.PathLike, key_map: dict[str,
     shape-mismatched keys, raised before anything is allocated; strict=False only reports them.
     new_ok: prefixes of model keys that may be absent (SAGE's fusion / fact_proj on a plain
     InternVL2 checkpoint); the module at each prefix gets `init_weights()` before loading and
-    the report says so. Computed, non-persistent buffers are never expected.
+    the report says so (init_fresh: drawn from init_seed, the same weights on any number of
+    ranks). Computed, non-persistent buffers are never expected.
     """
     t0 = time.perf_counter()
     model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
@@ -297,8 +323,7 @@ def load_into(model: nn.Module, directory: str | os.PathLike, key_map: dict[str,
     for prefix in report.new:
         owner = model.get_submodule(prefix.rstrip("."))
         if hasattr(owner, "init_weights"):
-            with torch.no_grad():
-                owner.init_weights()
+            init_fresh(owner, init_seed)
             report.initialised.append(prefix)
     report.bytes_read = _stream(ckpt, pairs, params)
     report.n_loaded = len(pairs)
@@ -345,6 +370,9 @@ def save_state_dict(state_dict: dict[str, torch.Tensor], config, directory: str 
         with torch.no_grad():
             return t.full_tensor() if hasattr(t, "full_tensor") else t
 
+    # the config the weights were written with (check_config_metadata): in the header of a
+    # single file, in the index's "metadata" of a sharded checkpoint
+    metadata = {CONFIG_METADATA: json.dumps(config.to_dict(), sort_keys=True)}
     shards = plan_shards(tensors, max_shard_bytes, dtype)
     names = ([SINGLE_FILE] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
@@ -357,12 +385,13 @@ def save_state_dict(state_dict: dict[str, torch.Tensor], config, directory: str 
         tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the export is an ordinary dir
     for name, shard in zip(names, shards):
         if rank0:
-            write_safetensors(tmp / name, shard, dtype, fetch)
+            write_safetensors(tmp / name, shard, dtype, fetch,
+                              metadata if len(shards) == 1 else None)
         else:
             for _, t in shard:
                 fetch(t)
     if rank0:
-        _write_metadata(tmp, tensors, shards, names, config, tokenizer, layout, dtype)
+        _write_metadata(tmp, tensors, shards, names, config, tokenizer, layout, dtype, metadata)
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
             os.replace(directory, old)
@@ -376,12 +405,13 @@ def save_state_dict(state_dict: dict[str, torch.Tensor], config, directory: str 
 
 
 def _write_metadata(tmp: Path, tensors, shards, names, config, tokenizer, layout: str,
-                    dtype: torch.dtype | None) -> None:
+                    dtype: torch.dtype | None, metadata: dict) -> None:
     if len(shards) > 1:
         total = sum(t.numel() * out_dtype(t, dtype).itemsize for _, t in tensors)
         weight_map = {pub: name for name, shard in zip(names, shards) for pub, _ in shard}
         (tmp / INDEX_FILE).write_text(json.dumps(
-            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+            {"metadata": {"total_size": total, **metadata}, "weight_map": weight_map},
+            indent=2) + "\n")
     common = Counter(out_dtype(t, dtype) for _, t in tensors if t.is_floating_point())
     dtype = common.most_common(1)[0][0] if common else torch.float32
     if layout == "internvl":
@@ -389,8 +419,58 @@ def _write_metadata(tmp: Path, tensors, shards, names, config, tokenizer, layout
     else:  # plain HF Llama / InternViT: the config's own table (sage.names) + the dtype
         content = {**config.to_dict(), "torch_dtype": str(dtype).removeprefix("torch.")}
         (tmp / "config.json").write_text(json.dumps(content, indent=2) + "\n")
-    if tokenizer is not None:
+    if tokenizer is not None:  # + tokenizer_config.json, special_tokens_map.json, added tokens
         tokenizer.save_pretrained(tmp)
+        (tmp / GENERATION_CONFIG).write_text(json.dumps(tokenizer.generation_config(), indent=2)
+                                             + "\n")
+
+
+# ----------------------------------------------------------------------------- config check
+
+CONFIG_METADATA = "sage.config"  # safetensors __metadata__ key: config.json content at export
+GENERATION_CONFIG = "generation_config.json"  # stop ids, pad / bos / eos (transformers' file)
+# config.json fields a user may change after export: they do not change what the weights
+# compute (vocab_size is taken from the embedding table, as InternVL2 needs).
+EDITABLE_FIELDS = frozenset({"system_message", "dynamic_image_size", "use_thumbnail",
+                             "max_dynamic_patch", "min_dynamic_patch", "vocab_size"})
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+def check_config_metadata(config, directory: str | os.PathLike) -> None:
+    """Refuse weights whose shapes fit but whose config does not: the config.json content
+    recorded at export (the single file's header, or the index's "metadata"; absent from
+    other checkpoints: nothing to check) must agree with `config` on every field but
+    EDITABLE_FIELDS. Raises ValueError naming the file and each differing key, both values."""
+    directory = Path(directory)
+    file = directory / INDEX_FILE
+    if file.is_file():
+        try:
+            recorded = (json.loads(file.read_text()).get("metadata") or {}).get(CONFIG_METADATA)
+        except (json.JSONDecodeError, AttributeError) as e:
+            raise ValueError(f"{file}: not a checkpoint index ({e})") from None
+    elif (directory / SINGLE_FILE).is_file():
+        file = directory / SINGLE_FILE
+        recorded = read_metadata(file).get(CONFIG_METADATA)
+    else:
+        return
+    if recorded is None:
+        return
+    try:
+        then = _flat(json.loads(recorded))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: __metadata__[{CONFIG_METADATA!r}] is not JSON ({e})") from None
+    now = _flat(config.to_dict())
+    diff = [f"{k}: {then[k]!r} at export, {now[k]!r} now" for k in sorted(then.keys() & now.keys())
+            if then[k] != now[k] and k.rsplit(".", 1)[-1] not in EDITABLE_FIELDS]
+    if diff:
+        raise ValueError(f"{file}: the weights were exported with another config than "
+                         f"{directory / 'config.json'} gives: " + "; ".join(diff))
 
 
 def save_pretrained(model: nn.Module, directory: str | os.PathLike, tokenizer=None,

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sage.names import (ARCHITECTURE_WORDS, HERMES2, HERMES2_SYSTEM_MESSAGE,
+                        LEGACY_SYSTEM_MESSAGE, OFF_KEYS, REPEATED_KEYS)
 from sage.names import (FORCE_IMAGE_SIZE, IGNORED_KEYS, INTERNVL_CONSTANTS, INTERNVL_FIELDS,
                         LLM_CONSTANTS, LLM_FIELDS, LLM_SECTION, REQUIRED, SAGE_FIELD_NAMES,
                         SAGE_SECTION, VISION_CONSTANTS, VISION_FIELDS, VISION_SECTION)
@@ -138,11 +141,13 @@ class SageConfig:
     max_fact_tokens: int = 48  # tokens kept per fact sentence before pooling
     selection: str = "nn"  # "nn": s_i = max_j cos (DESIGN §1 step 2); "min": literal Eq. 1
     facts_mode: str = "fe"  # "fe" (fusion, default), "hard" (facts as text), "none" (plain VLM)
-    fusion_norm: str = "none"  # "pre": LayerNorm (no params) on W_q/W_k inputs; "none": Eq. 2
-    fusion_init: str = "small"  # fusion W_q/k/v/o ~ N(0, 1/C) ("fan_in") or N(0, 0.02^2)
-    fact_head_init: float = 0.0  # std of the Eq. 9 head Linear's weight at init (0: zeros)
-    fusion_values: str = "test"  # one-shot values: "test" v_t[idx] (Eq. 2) or "difference" v_d
-    system_message: str = ""  # system turn of the chat template ("" = none)
+    fusion_norm: str = "pre"  # "pre": LayerNorm (no params) on W_q/W_k inputs; "none": Eq. 2
+    fusion_init: str = "fan_in"  # fusion W_q/k/v/o ~ N(0, 1/C) ("fan_in") or N(0, 0.02^2)
+    fact_head_init: float = 1e-3  # std of the Eq. 9 head Linear's weight at init (0: zeros)
+    fusion_values: str = "difference"  # one-shot values v_d; "test": v_t[idx] (Eq. 2)
+    # The system turn of the Hermes-2 template, rendered always as InternVL does (DESIGN §5):
+    # InternVL's own message by default; None = no system turn (the committed tiny base).
+    system_message: str | None = HERMES2_SYSTEM_MESSAGE
 
     def __post_init__(self) -> None:
         if isinstance(self.vision, dict):
@@ -160,8 +165,14 @@ class SageConfig:
                f"SageConfig.selection={self.selection!r}: expected 'nn' or 'min'")
         _check(self.facts_mode in ("fe", "hard", "none"),
                f"SageConfig.facts_mode={self.facts_mode!r}: expected 'fe', 'hard' or 'none'")
-        _check(0 < self.top_k <= self.n_image_tokens,
-               f"SageConfig.top_k={self.top_k} must be in [1, {self.n_image_tokens}]")
+        _check(self.template == HERMES2, f"SageConfig.template={self.template!r}: only "
+               f"{HERMES2!r} (InternVL2-40B's chat template) is implemented")
+        if self.facts_mode == "fe":  # SAGE's options are checked where they are used
+            _check(0 < self.top_k <= self.n_image_tokens,
+                   f"SageConfig.top_k={self.top_k} must be in [1, {self.n_image_tokens}] "
+                   "(the image tokens per tile) with facts_mode 'fe'")
+            _check(self.n_facts > 0, f"SageConfig.n_facts={self.n_facts} must be > 0 with "
+                   "facts_mode 'fe'")
         _check(self.llm.dim % self.fusion_heads == 0,
                f"SageConfig.fusion_heads={self.fusion_heads} must divide llm.dim={self.llm.dim}")
         _check(self.fusion_norm in ("pre", "none") and self.fusion_init in ("fan_in", "small")
@@ -204,20 +215,35 @@ class SageConfig:
         top = _Reader(raw, source, "")
         vis = _Reader(top.take(VISION_SECTION), source, VISION_SECTION + ".")
         llm = _Reader(top.take(LLM_SECTION), source, LLM_SECTION + ".")
+        plain = SAGE_SECTION not in raw  # a plain InternVL2 directory: the plain VLM
+        if not plain and not isinstance(raw[SAGE_SECTION], dict):
+            raise ValueError(f"{source}: {SAGE_SECTION} must be a JSON object")
         sage = _Reader(top.take(SAGE_SECTION, {}), source, SAGE_SECTION + ".")
         # force_image_size (top level) overrides the vision tower's own image_size
         vision = _vision_from(vis, image_size=top.take(FORCE_IMAGE_SIZE, None))
         kw = _read_fields(top, INTERNVL_FIELDS)
-        kw["system_message"] = kw["system_message"] or ""  # published configs may write null
-        cfg = SageConfig(vision=vision, llm=_llm_from(llm), **kw,
-                         **{f.name: sage.take(f.name, f.default) for f in _SAGE_FIELDS})
+        kw.update({f.name: sage.take(f.name, f.default) for f in _SAGE_FIELDS})
+        if plain:
+            kw["facts_mode"] = "none"  # no fusion modules, no fact placeholders (issue 15)
+        # the system message: sage_config's (null = no system turn), else an earlier SAGE's
+        # top-level string, else the template's own (what InternVL renders)
+        legacy = top.take(LEGACY_SYSTEM_MESSAGE, None)
+        _check(legacy is None or isinstance(legacy, str),
+               f"{source}: {LEGACY_SYSTEM_MESSAGE}={legacy!r}: expected a string or null")
+        if plain or "system_message" not in raw[SAGE_SECTION]:
+            kw["system_message"] = HERMES2_SYSTEM_MESSAGE if legacy is None else legacy
+        llm_cfg = _llm_from(llm)
+        _check_repeated(top, llm_cfg)
         for r in (top, vis, llm, sage):
             r.finish()
-        return cfg
+        return SageConfig(vision=vision, llm=llm_cfg, **kw)
 
     def to_dict(self) -> dict:
-        """InternVL2-style config.json content (SAGE's own fields under `sage_config`)."""
+        """InternVL2-style config.json content (SAGE's own fields under `sage_config`); the
+        LLM's hidden_size and tie_word_embeddings repeated at the top level as InternVL does."""
+        llm = self.llm.to_dict()
         return {**_write_fields(self, INTERNVL_FIELDS, INTERNVL_CONSTANTS),
+                **{key: llm[key] for key in REPEATED_KEYS},
                 FORCE_IMAGE_SIZE: self.vision.image_size,
                 VISION_SECTION: self.vision.to_dict(),
                 LLM_SECTION: self.llm.to_dict(),
@@ -264,11 +290,36 @@ class _Reader:
         return default
 
     def finish(self) -> None:
+        """Unknown keys: an error when the name says it may change the architecture, else one
+        warning line per file and section (sage.names.ARCHITECTURE_WORDS)."""
+        for key in OFF_KEYS:
+            if self.section.get(key):
+                raise ValueError(f"{self.source}: {self.prefix}{key}={self.section[key]!r}: "
+                                 "only off (0 / false) is supported")
         unknown = sorted(k for k in self.section if k not in self.taken and k not in IGNORED_KEYS)
-        if unknown:
-            raise KeyError(f"{self.source}: unknown key(s) {[self.prefix + k for k in unknown]}; "
-                           "map them in the tables of sage.names or list them in "
-                           "sage.names.IGNORED_KEYS")
+        structural = [k for k in unknown if any(w in k.lower() for w in ARCHITECTURE_WORDS)]
+        if structural:
+            raise KeyError(f"{self.source}: unknown key(s) "
+                           f"{[self.prefix + k for k in structural]} may change the "
+                           "architecture and are not understood; map them in the tables of "
+                           "sage.names or list them in sage.names.IGNORED_KEYS")
+        harmless = [self.prefix + k for k in unknown]
+        if harmless and (self.source, *harmless) not in _REPORTED:
+            _REPORTED.add((self.source, *harmless))
+            warnings.warn(f"{self.source}: ignoring unknown key(s) {harmless} (none of them "
+                          "names a part of the architecture)", stacklevel=4)
+
+
+_REPORTED: set[tuple] = set()  # (file, keys...) already warned about: each reported once
+
+
+def _check_repeated(top: _Reader, llm: LLMConfig) -> None:
+    """Top-level repeats of LLM values (InternVLChatConfig writes them) must agree."""
+    written = dict(zip(REPEATED_KEYS, (llm.dim, llm.tie_embeddings)))
+    for key in REPEATED_KEYS:
+        got = top.take(key, written[key])
+        _check(got == written[key], f"{top.source}: {key}={got!r} disagrees with "
+               f"{LLM_SECTION}.{key}={written[key]!r}")
 
 
 def _read_fields(r: _Reader, table: tuple, given: dict | None = None) -> dict:
@@ -315,6 +366,10 @@ def _llm_from(llm: _Reader) -> LLMConfig:
     _check(rope.get("rope_type", "default") == "default", f"{llm.source}: {llm.prefix}"
            f"rope_parameters={rope}: RoPE scaling is not implemented")
     kw = _read_fields(llm, LLM_FIELDS)
+    head_dim = llm.take("head_dim", None)  # transformers writes hidden_size / heads again
+    _check(head_dim is None or head_dim * kw["n_heads"] == kw["dim"],
+           f"{llm.source}: {llm.prefix}head_dim={head_dim}: only hidden_size / "
+           f"num_attention_heads = {kw['dim'] // kw['n_heads']} is supported")
     if kw["n_kv_heads"] is None:
         kw["n_kv_heads"] = kw["n_heads"]  # no GQA
     if kw["rope_theta"] is None:
@@ -348,6 +403,7 @@ def _tiny() -> SageConfig:
         llm=LLMConfig(vocab_size=2048, dim=256, n_layers=4, n_heads=8, n_kv_heads=2,
                       ffn_dim=704, norm_eps=1e-5, rope_theta=5e6, max_seq_len=1024),
         n_facts=4, top_k=8, fusion_heads=4, max_fact_tokens=32,
+        system_message=None,  # the tiny base was pretrained without a system turn (DESIGN §5)
     )
 
 
@@ -358,7 +414,7 @@ def _internvl2_40b() -> SageConfig:
         vision=VisionConfig(),
         llm=LLMConfig(),
         dynamic_image_size=True, use_thumbnail=True, max_dynamic_patch=6,
-        system_message="",
+        system_message=HERMES2_SYSTEM_MESSAGE,  # InternVL's (DESIGN §5)
     )
 
 

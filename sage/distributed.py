@@ -21,7 +21,6 @@ import torch.nn as nn
 from sage.checkpoint import load_into
 from sage.config import SageConfig
 from sage.models.sage import SageModel
-from sage.names import INTERNVL_KEY_MAP
 
 # Trainable groups (DESIGN §2): InternViT is frozen in every stage.
 TRAINABLE = {
@@ -170,12 +169,12 @@ def shard_model(model: SageModel, device: torch.device, bf16: bool | None = None
 
 def build_model(cfg: SageConfig, dist: DistInfo, init_dir: str | None, stage: str,
                 activation_checkpointing: bool = False, cpu_offload: bool = False,
-                bf16: bool | None = None) -> SageModel:
+                bf16: bool | None = None, init_seed: int = 0) -> SageModel:
     """Meta build -> freeze -> FSDP2 shard -> materialise -> fill this rank's shards.
 
     init_dir None: fresh weights (sage.tools.pretrain). Otherwise an InternVL2-layout
     directory; SAGE's fusion/head keys may be absent (a plain InternVL2 checkpoint) and are
-    then initialised fresh and reported.
+    then initialised fresh from init_seed (the same weights at every world size) and reported.
     """
     with torch.device("meta"):
         model = SageModel(cfg)
@@ -186,7 +185,8 @@ def build_model(cfg: SageConfig, dist: DistInfo, init_dir: str | None, stage: st
     with torch.no_grad():
         model.init_weights()
     if init_dir is not None:
-        report = load_into(model, init_dir, INTERNVL_KEY_MAP, strict=True, new_ok=NEW_MODULES)
+        report = load_into(model, init_dir, model.key_map, strict=True, new_ok=NEW_MODULES,
+                           init_seed=init_seed)
         print0(f"loaded {init_dir}: {report}")
     return model
 

@@ -50,10 +50,11 @@ def select_facts(answers: list[str], n_facts: int) -> list[str]:
 # ----------------------------------------------------------------------------- cache
 
 class FactCache:
-    """Append-only JSONL cache: test image path -> fact sentences."""
+    """Append-only JSONL cache: test image path -> fact sentences. Under torchrun one rank
+    writes (write=True); the others keep the same entries in memory only."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+    def __init__(self, path: str | Path, write: bool = True):
+        self.path, self.write = Path(path), write
         self.entries: dict[str, dict] = {}
         # a run killed mid-write leaves a last line without "\n": the next append cuts it off
         self._truncate_at = None
@@ -91,6 +92,9 @@ class FactCache:
     def add(self, image: str, facts: list[str], source: str) -> None:
         """Append one image's facts and flush them to disk at once."""
         entry = {"test_image": image, "facts": facts, "source": source}
+        self.entries[image] = entry
+        if not self.write:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self._truncate_at is not None:
             os.truncate(self.path, self._truncate_at)
@@ -99,7 +103,6 @@ class FactCache:
             f.write(json.dumps(entry, ensure_ascii=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        self.entries[image] = entry
 
 
 # ----------------------------------------------------------------------------- askers
@@ -173,20 +176,34 @@ def openai_asker(root: Path, model_name: str = "gpt-4o", base_url: str | None = 
 # ----------------------------------------------------------------------------- driver
 
 def collect_facts(images: Iterable[str], cache: FactCache, ask: Callable | None, source: str,
-                  n_facts: int, batch_size: int = 1) -> int:
-    """Ask about every image not yet cached, `batch_size` images per call -> number asked."""
+                  n_facts: int, batch_size: int = 1, dp_rank: int = 0, dp_size: int = 1,
+                  exchange: Callable[[list], list[list]] | None = None,
+                  progress: Callable[[int], None] | None = None) -> int:
+    """Ask about every image not yet cached, `batch_size` images per call -> number asked.
+
+    Data-parallel (dp_size model copies): in each round copy d asks its own batch, then
+    `exchange` (an all-gather, sage.distributed.gather_objects) hands every copy's answers
+    to every rank, so all caches hold the same entries and the writing rank appends them at
+    once. Every rank runs the same number of rounds; a copy with nothing left asks nothing.
+    """
     todo = [im for im in dict.fromkeys(images) if im not in cache]
     if todo and ask is None:
         raise ValueError(f"{len(todo)} test image(s) have no cached facts (e.g. {todo[0]!r}); "
                          "pass --model DIR or --openai to produce them")
     n_short = 0
-    for i in range(0, len(todo), batch_size):
-        chunk = todo[i:i + batch_size]
-        for img, answers in zip(chunk, ask(chunk)):
+    per_round = batch_size * dp_size
+    for start in range(0, len(todo), per_round):
+        mine = todo[start + dp_rank * batch_size:start + (dp_rank + 1) * batch_size]
+        answered = list(zip(mine, ask(mine))) if mine else []
+        if exchange is not None:
+            answered = [pair for part in exchange(answered) for pair in part]
+        for img, answers in answered:
             facts = select_facts(answers, n_facts)
             n_short += len(facts) < n_facts
             cache.add(img, facts, source)
-    if n_short:
+        if progress is not None:
+            progress(min(per_round, len(todo) - start))
+    if n_short and cache.write:
         warn(f"{n_short} image(s) got fewer than {n_facts} fact sentences")
     return len(todo)
 

@@ -72,6 +72,12 @@ INTERNVL_KEY_MAP: dict[str, str | None] = {  # published InternVL2 name -> SageM
 }
 
 
+# A SAGE checkpoint read as the plain VLM (facts_mode "hard"/"none": no fusion modules built):
+# its sage.* tensors are deliberately skipped.
+PLAIN_VLM_KEY_MAP: dict[str, str | None] = {**INTERNVL_KEY_MAP, "sage.fusion.*": None,
+                                            "sage.fact_proj.*": None}
+
+
 def invert_key_map(key_map: dict[str, str | None]) -> dict[str, str]:
     """ours -> published, for export; skipped (None) entries have no inverse."""
     inverse = {v: k for k, v in key_map.items() if v is not None}
@@ -160,7 +166,6 @@ INTERNVL_FIELDS = (  # InternVL2 config.json top level <-> SageConfig
     ("use_thumbnail", "use_thumbnail", REQUIRED),
     ("max_dynamic_patch", "max_dynamic_patch", REQUIRED),
     ("min_dynamic_patch", "min_dynamic_patch", 1),
-    ("system_message", "system_message", ""),  # null reads as ""
 )
 INTERNVL_CONSTANTS = {"architectures": ["InternVLChatModel"], "model_type": "internvl_chat"}
 # InternVL2 sections: vision_config (VISION_FIELDS), llm_config (LLM_FIELDS), and the
@@ -170,11 +175,26 @@ VISION_SECTION, LLM_SECTION, FORCE_IMAGE_SIZE = "vision_config", "llm_config", "
 SAGE_SECTION = "sage_config"
 SAGE_FIELD_NAMES = ("adapter_norm_eps", "n_facts", "top_k", "fusion_heads", "max_fact_tokens",
                     "selection", "facts_mode", "fusion_norm", "fusion_init", "fact_head_init",
-                    "fusion_values")
+                    "fusion_values", "system_message")
+# InternVL's configuration class (InternVLChatConfig) repeats two LLM values at the top level;
+# they are checked against llm_config, never a second source, and written the same way.
+REPEATED_KEYS = ("hidden_size", "tie_word_embeddings")
+# Top-level "system_message": written by SAGE before issue 15 (InternVL itself ignores the key
+# and takes the template's message); a string there is read when sage_config gives none.
+LEGACY_SYSTEM_MESSAGE = "system_message"
+
+# The system message of InternVL's "Hermes-2" template (InternVL2-40B), as InternVL publishes
+# it in internvl_chat/internvl/conversation.py; InternVL renders it unless a run sets another.
+HERMES2 = "Hermes-2"
+HERMES2_SYSTEM_MESSAGE = ("你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，"
+                          "英文名叫InternVL, 是一个有用无害的人工智能助手。")
 
 # Keys that a published config.json carries and that SAGE deliberately ignores: the generic
-# `transformers.PretrainedConfig` dump, InternVL's training switches and MoE leftovers of
-# InternViT. Any key outside this list and outside the mapped ones is an error.
+# `transformers.PretrainedConfig` dump (in every section: transformers writes each sub-config
+# whole, `vision_config.tie_word_embeddings` included), InternVL's training switches and MoE
+# leftovers of InternViT. A key outside this list and outside the mapped ones is judged by its
+# name: one that may change the architecture (ARCHITECTURE_WORDS) is an error, any other is
+# reported once as a warning.
 IGNORED_KEYS = frozenset("""
 _name_or_path _commit_hash _attn_implementation_autoset add_cross_attention architectures
 attn_implementation auto_map bad_words_ids begin_suppress_tokens bos_token_id
@@ -189,9 +209,16 @@ return_dict return_dict_in_generate sep_token_id suppress_tokens task_specific_p
 temperature tf_legacy_loss tie_encoder_decoder tokenizer_class top_k top_p torch_dtype
 torchscript transformers_version typical_p use_bfloat16 use_cache
 attention_bias attention_dropout mlp_bias pretraining_tp initializer_range
-head_dim use_flash_attn use_backbone_lora use_llm_lora pad2square dropout
+use_flash_attn use_backbone_lora use_llm_lora pad2square dropout
 capacity_factor eval_capacity_factor laux_allreduce moe_coeff_ratio moe_intermediate_size
 moe_output_scale noisy_gate_policy num_experts num_routed_experts num_shared_experts
 shared_expert_intermediate_size use_moe use_residual use_rts use_weighted_residual
-img_context_token_id
+img_context_token_id tie_word_embeddings
 """.split())
+# Ignored keys that change the model unless off: accepted only when falsy (0, false, null).
+OFF_KEYS = ("use_moe", "use_backbone_lora", "use_llm_lora")
+# An unknown key whose name holds one of these words may change what the weights compute.
+ARCHITECTURE_WORDS = ("size", "dim", "layer", "head", "hidden", "expert", "moe", "rope",
+                      "rotary", "position", "window", "bias", "norm", "act", "scal", "ratio",
+                      "vocab", "embed", "attn", "attention", "kernel", "residual", "lora",
+                      "shuffle", "patch", "tile", "token", "type", "version", "select", "use_")

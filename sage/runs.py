@@ -372,15 +372,19 @@ def new_run_dir(path: Path) -> None:
     path.mkdir(parents=True)
 
 
-def export_model(model, cfg: SageConfig, tokenizer, out_dir: Path, rank: int) -> None:
-    """Gather the full state dict (CPU, rank 0) and write the InternVL2 layout + sage.* keys.
-    A failed export removes its temporary directory; a full disk is named as such."""
+def export_model(model, cfg: SageConfig, tokenizer, out_dir: Path, rank: int,
+                 dtype: torch.dtype | None = torch.bfloat16) -> None:
+    """Gather the full state dict (CPU, rank 0) and write the InternVL2 layout + sage.* keys,
+    floating tensors in `dtype` (bf16 as InternVL2 publishes; None: as trained), with the
+    tokenizer files and generation_config.json. A failed export removes its temporary
+    directory; a full disk is named as such."""
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
                                                               cpu_offload=True))
     if rank == 0:
         out_dir = Path(out_dir)
         try:
-            save_state_dict(sd, cfg, out_dir, tokenizer=tokenizer, overwrite=True)
+            save_state_dict(sd, cfg, out_dir, tokenizer=tokenizer, overwrite=True,
+                            dtype=dtype)
         except BaseException as e:
             for partial in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):
                 shutil.rmtree(partial, ignore_errors=True)

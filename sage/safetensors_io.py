@@ -125,15 +125,28 @@ def out_dtype(t: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
     return dtype if dtype is not None and t.is_floating_point() else t.dtype
 
 
+def read_metadata(file: Path) -> dict[str, str]:
+    """The `__metadata__` strings of one safetensors file ({} when it has none)."""
+    with open(file, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        try:
+            meta = json.loads(f.read(n)).get("__metadata__") or {}
+        except (ValueError, AttributeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{file}: corrupt safetensors header ({e})") from None
+    return meta if isinstance(meta, dict) else {}
+
+
 def write_safetensors(file: Path, tensors: list[tuple[str, torch.Tensor]],
-                      dtype: torch.dtype | None = None, fetch=lambda t: t) -> None:
+                      dtype: torch.dtype | None = None, fetch=lambda t: t,
+                      metadata: dict[str, str] | None = None) -> None:
     """Stream tensors into one safetensors file without building it in memory.
 
     The header needs only names, dtypes and shapes; then each tensor's bytes are written in
     turn, converted to `dtype` if given (floating tensors only); `fetch` may gather a sharded
-    tensor first. The header is padded to a multiple of 8 bytes, as upstream does.
+    tensor first. The header is padded to a multiple of 8 bytes, as upstream does. metadata:
+    extra `__metadata__` strings (safetensors allows str -> str only).
     """
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    header, offset = {"__metadata__": {"format": "pt", **(metadata or {})}}, 0
     for name, t in tensors:
         out = out_dtype(t, dtype)
         n = t.numel() * out.itemsize

@@ -41,7 +41,6 @@ from sage.checkpoint import load_into
 from sage.config import SageConfig
 from sage.distributed import DistInfo
 from sage.models.sage import SageModel
-from sage.names import INTERNVL_KEY_MAP
 from sage.safetensors_io import checkpoint_dtype, read_checkpoint_index
 
 
@@ -112,7 +111,7 @@ def load_sharded(path: str | os.PathLike, tp_mesh: DeviceMesh, dtype: torch.dtyp
     shard_tensor_parallel(model, tp_mesh)
     model.to_empty(device=device or tp_mesh.device_type)
     # load_into initialises SAGE's own modules when the checkpoint has none (plain InternVL2)
-    model.load_report = load_into(model, path, INTERNVL_KEY_MAP, strict=True,
+    model.load_report = load_into(model, path, model.key_map, strict=True,
                                   new_ok=("fusion.", "fact_proj."))
     model.attach_tokenizer(path)
     return model.eval()

@@ -45,6 +45,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from sage.losses import IGNORE_INDEX
+from sage.names import HERMES2_SYSTEM_MESSAGE
 
 UNK = "<unk>"
 BOS = "<|startoftext|>"
@@ -68,15 +69,19 @@ REQUIRED_TOKENS = (UNK, EOS, IM_START, IM_END)  # the template and generation ne
 MODEL_FILE = "tokenizer.model"
 ADDED_TOKENS_FILE = "added_tokens.json"
 CONFIG_FILE = "tokenizer_config.json"
+SPECIAL_MAP_FILE = "special_tokens_map.json"
 
 
-def render_prompt(user: str, system: str = "", answer: str | None = None) -> str:
-    """Hermes-2 (ChatML) text, DESIGN §5; turns are joined with no newline in between.
+def render_prompt(user: str, system: str | None = HERMES2_SYSTEM_MESSAGE,
+                  answer: str | None = None) -> str:
+    """Hermes-2 text as InternVL's conversation.py renders it (DESIGN §5): turns joined with
+    no newline in between, the system turn always present (an empty message included).
 
-    `<|im_start|>system\\n{system}<|im_end|>` (only if system != "") +
-    `<|im_start|>user\\n{user}<|im_end|><|im_start|>assistant\\n` (+ `{answer}<|im_end|>`).
+    `<|im_start|>system\\n{system}<|im_end|>` + `<|im_start|>user\\n{user}<|im_end|>` +
+    `<|im_start|>assistant\\n` (+ `{answer}<|im_end|>`). system None: no system turn at all
+    (SAGE's tiny base was pretrained so); the default is InternVL's Hermes-2 message.
     """
-    text = f"{IM_START}system\n{system}{IM_END}" if system else ""
+    text = "" if system is None else f"{IM_START}system\n{system}{IM_END}"
     text += f"{IM_START}user\n{user}{IM_END}{IM_START}assistant\n"
     if answer is not None:
         text += answer + IM_END
@@ -253,15 +258,37 @@ class Tokenizer:
         return cls(model_file, read_added_tokens(directory))
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write `tokenizer.model` and (if any) `added_tokens.json`, incl. `<FACT_CONTEXT>`."""
+        """Write `tokenizer.model`, `added_tokens.json` (if any, incl. `<FACT_CONTEXT>`) and
+        transformers' `tokenizer_config.json` / `special_tokens_map.json`: a slow
+        LlamaTokenizer in legacy mode, no BOS/EOS added, every special token kept whole, so
+        `AutoTokenizer.from_pretrained(directory, use_fast=False)` encodes as we do."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         _write_bytes(directory / MODEL_FILE, self.sp.serialized_model_proto())
         extra = {t: i for t, i in sorted(self.added_tokens.items(), key=lambda kv: kv[1])
                  if not (i < self.n_pieces and self.sp.id_to_piece(i) == t)}
-        if extra or (directory / ADDED_TOKENS_FILE).exists():  # never leave a stale file
-            text = json.dumps(extra, indent=2, ensure_ascii=False) + "\n"
-            _write_bytes(directory / ADDED_TOKENS_FILE, text.encode("utf-8"))
+        _write_json(directory / ADDED_TOKENS_FILE, extra)  # always: never a stale one
+        roles = self.special_token_roles()
+        _write_json(directory / SPECIAL_MAP_FILE, roles)
+        decoder = {str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                            "single_word": False, "special": True}
+                   for t, i in sorted(self.special_tokens.items(), key=lambda kv: kv[1])}
+        _write_json(directory / CONFIG_FILE, {
+            "tokenizer_class": "LlamaTokenizer", "legacy": True, "add_bos_token": False,
+            "add_eos_token": False, "add_prefix_space": False,
+            "clean_up_tokenization_spaces": False, "sp_model_kwargs": {},
+            **roles, "added_tokens_decoder": decoder})
+
+    def special_token_roles(self) -> dict[str, str]:
+        """transformers' roles: bos / eos / unk / pad token (pad is <unk>, module docstring)."""
+        roles = {"bos_token": BOS if self.bos_id is not None else None, "eos_token": EOS,
+                 "unk_token": UNK, "pad_token": UNK}
+        return {k: v for k, v in roles.items() if v is not None}
+
+    def generation_config(self) -> dict:
+        """transformers' generation_config.json: stop on every stop id, pad with <unk>."""
+        return {"bos_token_id": self.bos_id, "eos_token_id": list(self.stop_ids),
+                "pad_token_id": self.pad_id, "do_sample": False}
 
     # -- ids
     def token_to_id(self, token: str) -> int:
@@ -318,12 +345,13 @@ class Tokenizer:
         return "".join(parts)
 
     # -- chat template (DESIGN §5)
-    def render_prompt(self, user: str, system: str = "", answer: str | None = None) -> str:
+    def render_prompt(self, user: str, system: str | None = HERMES2_SYSTEM_MESSAGE,
+                      answer: str | None = None) -> str:
         """Hermes-2 text of one exchange; see the module-level `render_prompt`."""
         return render_prompt(user, system, answer)
 
     def encode_chat(self, user: str, answer: str | None = None,
-                    system: str = "") -> tuple[list[int], list[int]]:
+                    system: str | None = HERMES2_SYSTEM_MESSAGE) -> tuple[list[int], list[int]]:
         """(ids, labels) of one Hermes-2 exchange.
 
         answer=None: the inference prompt, ending in "<|im_start|>assistant\\n", labels all -100.
@@ -377,6 +405,10 @@ class Tokenizer:
         tok.save_pretrained(out_dir)  # writes added_tokens.json if <FACT_CONTEXT> was added
         assert tok.vocab_size <= vocab_size, (tok.vocab_size, vocab_size)
         return tok
+
+
+def _write_json(path: Path, content) -> None:
+    _write_bytes(path, (json.dumps(content, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
 def _write_bytes(path: Path, data: bytes) -> None:

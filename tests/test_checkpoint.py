@@ -13,9 +13,10 @@ import sage
 
 from sage.checkpoint import load_into, model_tensors, save_pretrained, save_state_dict
 from sage.config import LLMConfig, SageConfig
+from sage.names import HERMES2_SYSTEM_MESSAGE
 from sage.names import (INTERNVL_KEY_MAP, INTERNVL_KEY_MAP_INV, LLAMA_KEY_MAP, LLAMA_KEY_MAP_INV,
                         map_key)
-from sage.safetensors_io import INDEX_FILE, SINGLE_FILE, read_checkpoint_index
+from sage.safetensors_io import INDEX_FILE, SINGLE_FILE, checkpoint_dtype, read_checkpoint_index
 
 load_pretrained = sage.load_pretrained  # SageModel.from_pretrained
 
@@ -317,18 +318,23 @@ def test_sage_model_parts_export_as_plain_llama_and_internvit(sage_src, tmp_path
     assert_same(sage_src.vision, InternViT.from_pretrained(tmp_path / "vit"))
 
 
-def test_plain_internvl2_checkpoint_gets_new_modules(sage_src, tmp_path):
+def test_sfe_start_without_fusion_weights_gets_new_modules(sage_src, tokenizer_dir, tmp_path):
+    # a SAGE config (facts_mode "fe") over weights without sage.* keys: the start of SFE
     from sage.models.sage import SageModel
+    from sage.tokenizer import Tokenizer
 
     sd = {k: v for k, v in model_tensors(sage_src).items()
           if not k.startswith(("fusion.", "fact_proj."))}
-    save_state_dict(sd, sage_src.cfg, tmp_path / "plain", dtype=torch.bfloat16)
+    save_state_dict(sd, sage_src.cfg, tmp_path / "plain", dtype=torch.bfloat16,
+                    tokenizer=Tokenizer.from_pretrained(tokenizer_dir))
     assert not [k for k in read_checkpoint_index(tmp_path / "plain") if k.startswith("sage.")]
     model = load_pretrained(tmp_path / "plain")
     assert model.llm.lm_head.weight.dtype == torch.bfloat16  # the checkpoint's dtype
     assert torch.equal(model.llm.lm_head.weight, sage_src.llm.lm_head.weight.bfloat16())
-    assert torch.equal(model.fact_proj.fc.weight, torch.zeros(256, 256, dtype=torch.bfloat16))
-    assert model.fusion.q_proj.weight.float().std().item() == pytest.approx(0.02, rel=0.1)
+    assert model.fact_proj.fc.weight.float().std().item() == pytest.approx(
+        sage_src.cfg.fact_head_init, rel=0.1)  # the head's own init (SageConfig.fact_head_init)
+    assert model.fusion.q_proj.weight.float().std().item() == pytest.approx(
+        0.02 if sage_src.cfg.fusion_init == "small" else 256 ** -0.5, rel=0.1)
     assert model.load_report.initialised == ["fusion.", "fact_proj."]
     assert "fusion.* (8 tensors), fact_proj.* (4 tensors)" in str(model.load_report)
     with torch.device("meta"):
@@ -456,3 +462,100 @@ def test_fsdp2_loads_only_local_rows_and_saves(tmp_path):
     a, b = load_file(tmp_path / "ck" / SINGLE_FILE), load_file(tmp_path / "out" / SINGLE_FILE)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert LLAMA_KEY_MAP_INV["lm_head.weight"] in a
+
+
+# ----------------------------------------------------------------------------- issue 15
+
+def test_plain_internvl2_directory_is_the_plain_vlm(sage_src, tokenizer_dir, tmp_path):
+    # no sage_config block, no sage.* tensors: facts_mode "none", no fusion modules built
+    from sage.data import Collator
+    from sage.tokenizer import Tokenizer
+
+    plain = tmp_path / "plain"  # written as InternVL publishes: its names, its config.json
+    plain.mkdir()
+    save_file({map_key(k, INTERNVL_KEY_MAP_INV): v.contiguous()
+               for k, v in model_tensors(sage_src).items()
+               if not k.startswith(("fusion.", "fact_proj."))}, plain / "model.safetensors")
+    cfg = sage_src.cfg.to_dict()
+    del cfg["sage_config"]
+    (plain / "config.json").write_text(json.dumps(cfg))
+    Tokenizer.from_pretrained(tokenizer_dir).save_pretrained(plain)
+    model = load_pretrained(plain)
+    assert model.cfg.facts_mode == "none" and model.fusion is None and model.fact_proj is None
+    assert not [n for n, _ in model.named_parameters() if n.startswith(("fusion", "fact_proj"))]
+    assert not model.load_report.new
+    ex = {"id": "x", "question": "Is there a scratch?", "facts": [],
+          "pixel_test": torch.zeros(1, 3, 224, 224), "pixel_ref": None}
+    ids = Collator(model.tokenizer, model.cfg, for_generation=True)([ex])["input_ids"][0]
+    text = model.tokenizer.decode(ids, skip_special=False)
+    assert model.tokenizer.fact_context_id not in ids.tolist()  # no fact placeholders
+    assert "Above is the feature" not in text  # no auxiliary prompt: the plain VLM prompt
+    assert text.startswith("<|im_start|>system\n" + HERMES2_SYSTEM_MESSAGE + "<|im_end|>")
+
+
+def test_model_directory_without_tokenizer_is_named(sage_src, tmp_path):
+    save_state_dict(model_tensors(sage_src), sage_src.cfg, tmp_path / "m", dtype=None)
+    with pytest.raises(FileNotFoundError, match=rf"{tmp_path / 'm'}: no tokenizer.model"):
+        load_pretrained(tmp_path / "m")
+
+
+@pytest.mark.parametrize("shard_bytes", [2**30, 2**22])
+def test_config_recorded_at_export_is_checked(sage_dir, sage_src, tokenizer_dir, tmp_path,
+                                              shard_bytes):
+    from sage.tokenizer import Tokenizer
+
+    save_pretrained(sage_src, tmp_path / "m", dtype=None, max_shard_bytes=shard_bytes,
+                    tokenizer=Tokenizer.from_pretrained(tokenizer_dir))
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["vision_config"]["layer_norm_eps"] = 1e-5  # same shapes, other numbers
+    cfg["sage_config"]["system_message"] = "Be brief."  # editable: not a mismatch
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"exported with another config.*"
+                                         r"vision_config.layer_norm_eps: 1e-06 at export, 1e-05"):
+        load_pretrained(tmp_path / "m")
+    cfg["vision_config"]["layer_norm_eps"] = 1e-6
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    assert load_pretrained(tmp_path / "m").cfg.system_message == "Be brief."
+
+
+def test_export_writes_transformers_tokenizer_and_generation_files(sage_src, tokenizer_dir,
+                                                                    tmp_path, gen):
+    transformers = pytest.importorskip("transformers")
+    from sage.names import HERMES2_SYSTEM_MESSAGE as SYS
+    from sage.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_pretrained(tokenizer_dir)
+    save_pretrained(sage_src, tmp_path / "llm", layout="llama", tokenizer=tok,
+                    dtype=torch.float32)
+    files = sorted(f.name for f in (tmp_path / "llm").iterdir())
+    assert {"tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+            "added_tokens.json", "generation_config.json", "config.json"} <= set(files)
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "llm", dtype=torch.float32)
+    assert list(hf.generation_config.eos_token_id) == [tok.eos_id, tok.im_start_id,
+                                                        tok.im_end_id]
+    assert hf.generation_config.pad_token_id == tok.pad_id == tok.unk_id
+    ids = torch.tensor([tok.encode_chat("the washer has a scratch at the top left")[0]])
+    with torch.no_grad():  # equal logits on a chat prompt
+        torch.testing.assert_close(sage_src.llm.eval()(input_ids=ids), hf.eval()(ids).logits,
+                                   atol=1e-5, rtol=0)
+    # transformers' slow (sentencepiece) Llama tokenizer gives our ids on chat prompts
+    try:  # transformers >= 5: the sentencepiece backend is the slow tokenizer
+        from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
+        slow = SentencePieceBackend.from_pretrained(tmp_path / "llm")
+    except ImportError:  # transformers 4: LlamaTokenizer
+        slow = transformers.AutoTokenizer.from_pretrained(tmp_path / "llm", use_fast=False)
+    for system in (SYS, None, ""):
+        for answer in (None, "Yes. There is a scratch at the top left."):
+            text = tok.render_prompt("<img><IMG_CONTEXT><IMG_CONTEXT></img>\nIs there a "
+                                     "scratch on  the washer?", system=system, answer=answer)
+            assert slow(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
+    assert slow.convert_tokens_to_ids("<FACT_CONTEXT>") == tok.fact_context_id
+
+
+def test_export_model_is_bf16_by_default(sage_src, tmp_path):
+    from sage.runs import export_model
+
+    export_model(sage_src, sage_src.cfg, None, tmp_path / "bf", rank=0)
+    export_model(sage_src, sage_src.cfg, None, tmp_path / "fp", rank=0, dtype=torch.float32)
+    assert checkpoint_dtype(tmp_path / "bf") == torch.bfloat16
+    assert checkpoint_dtype(tmp_path / "fp") == torch.float32

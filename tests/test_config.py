@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from sage.config import SageConfig, llm_config_from_dict
+from sage.config import SageConfig, VisionConfig, llm_config_from_dict
+from sage.names import HERMES2_SYSTEM_MESSAGE
 
 
 def test_preset_unknown_name_lists_valid_ones():
@@ -32,29 +33,48 @@ def test_replace_leaves_the_original_alone():
 
 
 def published(cfg: SageConfig) -> dict:
-    """config.json as InternVL2-40B publishes it: null system_message, no sage_config, and
-    generic PretrainedConfig keys that the reader ignores."""
+    """config.json without SAGE's block (a plain InternVL2 directory), plus generic
+    PretrainedConfig keys that the reader ignores."""
     d = cfg.to_dict()
     del d["sage_config"]
-    d.update(system_message=None, torch_dtype="bfloat16", use_flash_attn=True)
+    d.update(torch_dtype="bfloat16", use_flash_attn=True)
     d["llm_config"]["_name_or_path"] = "NousResearch/Nous-Hermes-2-Yi-34B"
     return d
 
 
-def test_published_layout_reads(tmp_path):
+def test_published_layout_reads_as_the_plain_vlm(tmp_path):
     cfg = SageConfig.preset("internvl2-40b")
     (tmp_path / "config.json").write_text(json.dumps(published(cfg)))
     got = SageConfig.from_pretrained(tmp_path)
-    assert got.system_message == "" and got.n_facts == cfg.n_facts  # our defaults
+    assert got.system_message == HERMES2_SYSTEM_MESSAGE  # InternVL's Hermes-2 default
+    assert got.facts_mode == "none" and got.n_facts == cfg.n_facts  # plain VLM, our defaults
     assert got.llm == cfg.llm and got.vision == cfg.vision
+
+
+def test_sage_options_checked_only_where_used(tmp_path):
+    # a small plain model: fewer image tokens per tile (16) than SAGE's default top_k (32)
+    small = SageConfig.preset("tiny", vision=VisionConfig(image_size=112, patch_size=14, dim=64,
+                                                          n_layers=2, n_heads=2, ffn_dim=128),
+                              facts_mode="none")
+    assert (small.n_image_tokens, small.top_k) == (16, 8)
+    d = published(small)
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    plain = SageConfig.from_pretrained(tmp_path)  # loads: top_k 32 > 16 is not used
+    assert plain.facts_mode == "none" and plain.top_k == 32
+    with pytest.raises(ValueError, match=r"top_k=32 must be in \[1, 16\].*facts_mode 'fe'"):
+        dataclasses.replace(plain, facts_mode="fe")  # SFE on it: now top_k matters
+    with pytest.raises(ValueError, match=r"n_facts=0 must be > 0"):
+        dataclasses.replace(small, facts_mode="fe", n_facts=0)
+    with pytest.raises(ValueError, match=r"template='internlm2-chat'"):
+        dataclasses.replace(small, template="internlm2-chat")
 
 
 def test_unknown_and_missing_keys_name_file_and_key(tmp_path):
     d = published(SageConfig.preset("tiny"))
-    d["vision_config"]["use_magic"] = True
+    d["vision_config"]["use_magic"] = True  # a switch: may change the architecture
     (tmp_path / "config.json").write_text(json.dumps(d))
-    with pytest.raises(KeyError,
-                       match=r"config.json: unknown key\(s\) \['vision_config.use_magic'\]"):
+    with pytest.raises(KeyError, match=r"config.json: unknown key\(s\) "
+                                       r"\['vision_config.use_magic'\] may change the architecture"):
         SageConfig.from_pretrained(tmp_path)
     del d["vision_config"]["use_magic"], d["downsample_ratio"]
     (tmp_path / "config.json").write_text(json.dumps(d))

@@ -76,7 +76,7 @@ FLOORS = {
     "sage.safetensors_io": set(),
     "sage.losses": set(),
     "sage.config": {"sage.names"},
-    "sage.tokenizer": {"sage.losses"},
+    "sage.tokenizer": {"sage.losses", "sage.names"},  # names: Hermes-2's system message
     "sage.checkpoint": {"sage.config", "sage.names", "sage.safetensors_io"},
 }
 MODEL_ALLOWED = {"sage.config", "sage.names", "sage.safetensors_io", "sage.checkpoint",

@@ -57,8 +57,10 @@ def test_one_table_feeds_internvl_and_plain_writers(tiny_cfg):
     assert d["llm_config"]["hidden_size"] == 256 and d["llm_config"]["rope_theta"] == 5e6
     assert d["vision_config"]["initializer_factor"] == 0.1
     want = {"adapter_norm_eps": 1e-5, "n_facts": 4, "top_k": 8, "fusion_heads": 4,
-            "max_fact_tokens": 32, "selection": "nn", "facts_mode": "fe"}
+            "max_fact_tokens": 32, "selection": "nn", "facts_mode": "fe", "system_message": None}
     assert {k: d["sage_config"][k] for k in want} == want
+    # InternVLChatConfig repeats the LLM's width and tying at the top level
+    assert (d["hidden_size"], d["tie_word_embeddings"]) == (256, False)
 
 
 def test_written_config_reads_back(tiny_cfg, tmp_path):

@@ -73,7 +73,7 @@ def test_pretrain_builds_on_a_given_frozen_internvit(synth, tmp_path):
                      "--batch", "2"])
     out = tmp_path / "pre"
     run("-m", "sage.tools.pretrain", "--data", str(synth), "--vision", str(vit_dir),
-        "--out", str(out), "--max_steps", "1",
+        "--out", str(out), "--max_steps", "1", "--export_dtype", "float32",
         "--tokenizer", str(ROOT / "weights" / "sage-tiny-base"), *SMALL)
     given = InternViT.from_pretrained(vit_dir).state_dict()
     exported = sage.load_pretrained(out / "export").vision.state_dict()

@@ -98,15 +98,61 @@ def test_decode_skips_special_by_default(tok):
 
 # ----------------------------------------------------------------------------- template
 
-def test_render_prompt_is_hermes2_exactly(tok):
-    assert tok.render_prompt("Is there a scratch?", system="Be brief.") == (
-        "<|im_start|>system\nBe brief.<|im_end|>"
-        "<|im_start|>user\nIs there a scratch?<|im_end|>"
-        "<|im_start|>assistant\n")
-    assert tok.render_prompt("Is there a scratch?") == (
+# InternVL's "Hermes-2" template as InternVL publishes it (OpenGVLab/InternVL,
+# internvl_chat/internvl/conversation.py, register_conv_template(Conversation(name='Hermes-2',
+# ...)), written out here as data: system_template '<|im_start|>system\n{system_message}',
+# system_message below, roles ('<|im_start|>user\n', '<|im_start|>assistant\n'),
+# sep_style MPT, sep '<|im_end|>'. MPT style: system prompt + sep, then role + message + sep
+# for each message, and the bare role for the turn left open (message None).
+HERMES2 = {
+    "system_template": "<|im_start|>system\n{system_message}",
+    "system_message": "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, "
+                      "是一个有用无害的人工智能助手。",
+    "roles": ("<|im_start|>user\n", "<|im_start|>assistant\n"),
+    "sep": "<|im_end|>",
+}
+
+
+def internvl_get_prompt(messages, system_message=HERMES2["system_message"]):
+    """The MPT separator style of InternVL's Conversation.get_prompt, from its definition."""
+    out = HERMES2["system_template"].format(system_message=system_message) + HERMES2["sep"]
+    for role, message in messages:
+        out += role + message + HERMES2["sep"] if message else role
+    return out
+
+
+def test_render_prompt_equals_internvl_hermes2():
+    from sage.names import HERMES2_SYSTEM_MESSAGE
+    from sage.tokenizer import render_prompt
+    user, asst = HERMES2["roles"]
+    q = "<img><IMG_CONTEXT></img>\nIs there a scratch?"
+    assert HERMES2_SYSTEM_MESSAGE == HERMES2["system_message"]
+    assert render_prompt(q) == internvl_get_prompt([(user, q), (asst, None)])
+    # training: InternVL's preprocessing renders the answer turn closed by the separator
+    assert render_prompt(q, answer="No.") == internvl_get_prompt([(user, q), (asst, "No.")])
+    for system in ("Be brief.", ""):  # a set message; an empty one still renders the turn
+        assert render_prompt(q, system=system) == internvl_get_prompt([(user, q), (asst, None)],
+                                                                      system)
+    assert render_prompt(q, system="") == (
+        "<|im_start|>system\n<|im_end|><|im_start|>user\n" + q +
+        "<|im_end|><|im_start|>assistant\n")
+
+
+def test_render_prompt_without_system_turn(tok):
+    # system None: SAGE's tiny base, pretrained without a system turn (docs/design.md §5)
+    assert tok.render_prompt("Is there a scratch?", system=None) == (
         "<|im_start|>user\nIs there a scratch?<|im_end|><|im_start|>assistant\n")
-    assert tok.render_prompt("Q?", answer="No.") == (
+    assert tok.render_prompt("Q?", system=None, answer="No.") == (
         "<|im_start|>user\nQ?<|im_end|><|im_start|>assistant\nNo.<|im_end|>")
+
+
+def test_config_system_message_is_the_rendered_one(tmp_path):
+    from sage.config import SageConfig
+    big, tiny = SageConfig.preset("internvl2-40b"), SageConfig.preset("tiny")
+    assert big.system_message == HERMES2["system_message"] and tiny.system_message is None
+    for cfg in (big, tiny, SageConfig.preset("tiny", system_message="Be brief.")):
+        cfg.save(tmp_path)
+        assert SageConfig.from_pretrained(tmp_path).system_message == cfg.system_message
 
 
 def test_encode_chat_inference_prompt(tok):
@@ -217,7 +263,7 @@ def test_fact_context_id_stable_across_save_load(tmp_path, yi_model):
 def test_trained_fact_context_is_a_piece_and_save_is_stable(tok, tmp_path):
     assert tok.fact_context_id < tok.n_pieces and tok.added_tokens == {}
     tok.save_pretrained(tmp_path)
-    assert not (tmp_path / "added_tokens.json").exists()
+    assert json.loads((tmp_path / "added_tokens.json").read_text()) == {}  # nothing beyond
     assert Tokenizer.from_pretrained(tmp_path).special_tokens == tok.special_tokens
 
 

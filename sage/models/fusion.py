@@ -53,7 +53,7 @@ def difference_features(v_t: torch.Tensor, v_r: torch.Tensor, idx: torch.Tensor,
 class FusionAttention(nn.Module):
     """Multi-head cross-attention of Eq. 2: queries from facts, keys from differences."""
 
-    def __init__(self, dim: int, n_heads: int, norm: str = "none", init: str = "small"):
+    def __init__(self, dim: int, n_heads: int, norm: str = "pre", init: str = "fan_in"):
         super().__init__()
         if dim % n_heads:
             raise ValueError(f"FusionAttention: dim={dim} must be divisible by n_heads={n_heads}")

@@ -23,15 +23,15 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from sage.checkpoint import load_into
+from sage.checkpoint import check_config_metadata, load_into
 from sage.config import SageConfig
 from sage.kernels import topk_cosine
-from sage.losses import answer_cross_entropy
+from sage.losses import IGNORE_INDEX, sequence_logprobs
 from sage.models.adapter import Adapter, pixel_shuffle
 from sage.models.fusion import FactProjection, FusionAttention, difference_features
 from sage.models.intern_vit import InternViT
 from sage.models.llama import Llama
-from sage.names import INTERNVL_KEY_MAP
+from sage.names import INTERNVL_KEY_MAP, PLAIN_VLM_KEY_MAP
 from sage.safetensors_io import checkpoint_dtype, read_checkpoint_index
 from sage.tokenizer import Tokenizer
 
@@ -78,14 +78,18 @@ class SageModel(nn.Module):
         self.vision = InternViT(cfg.vision)
         self.adapter = Adapter(cfg.adapter_in_dim, cfg.llm.dim, norm_eps=cfg.adapter_norm_eps)
         self.llm = Llama(cfg.llm)
+        # SAGE's modules exist only where they are used: a plain VLM (a plain InternVL2
+        # directory, facts_mode "none") or facts as text ("hard") has none (issue 15)
+        fe = cfg.facts_mode == "fe"
         self.fusion = FusionAttention(cfg.llm.dim, cfg.fusion_heads, norm=cfg.fusion_norm,
-                                      init=cfg.fusion_init)
-        self.fact_proj = FactProjection(cfg.llm.dim, init_std=cfg.fact_head_init)
+                                      init=cfg.fusion_init) if fe else None
+        self.fact_proj = FactProjection(cfg.llm.dim, init_std=cfg.fact_head_init) if fe else None
         self._tokenizer = None
 
     def init_weights(self) -> None:
         for m in (self.vision, self.adapter, self.llm, self.fusion, self.fact_proj):
-            m.init_weights()
+            if m is not None:
+                m.init_weights()
 
     # -------------------------------------------------------------- tokenizer
 
@@ -108,7 +112,8 @@ class SageModel(nn.Module):
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values (n_tiles, 3, S, S) -> visual tokens v (n_tiles, T, C), T =
-        cfg.n_image_tokens. InternViT runs without autograd when it is frozen (DESIGN §2); the adapter always with it.
+        cfg.n_image_tokens. InternViT runs without autograd when it is frozen (DESIGN §2); the
+        adapter always with it.
         """
         vit_trainable = any(p.requires_grad for p in self.vision.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and vit_trainable):
@@ -192,19 +197,44 @@ class SageModel(nn.Module):
             x = x.masked_scatter(fact_pos.unsqueeze(-1), self.fact_tokens(v, batch).to(x.dtype))
         return x
 
-    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> logits (B, T, V), Eq. 8 answer cross-entropy summed per example (B,), answer
-        tokens (B,)."""
+    def forward(self, batch: dict, answer_only: bool = False
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """-> logits (B, T, V), Eq. 8 answer cross-entropy summed per sequence, answer tokens
+        per sequence (None, None without labels).
+
+        A sequence is a row, or with batch["segments"] (a packed E-DPO batch: one row holds a
+        prompt and several answers, sage.data.collate.EDPOCollator) each answer segment.
+        answer_only: run the LM head only where the next token is an answer token and return
+        logits None; training needs nothing else, and at 40B the full (B, T, 64k) logits would
+        be the largest tensor of the step.
+        """
         x = self.assemble(batch)
-        mask = batch["attention_mask"]
+        mask, position_ids = batch["attention_mask"], batch.get("position_ids")
         # Right padding (training batches) cannot change a causal model's outputs at real
         # tokens: drop the mask so SDPA takes its fused causal path.
-        if bool((mask[:, 1:] <= mask[:, :-1]).all()):
+        if mask.dim() == 2 and bool((mask[:, 1:] <= mask[:, :-1]).all()):
             mask = None
-        logits = self.llm(inputs_embeds=x, attention_mask=mask)
-        if "labels" not in batch:
-            return logits, None, None
-        loss_sum, n_tokens = answer_cross_entropy(logits, batch["labels"])
+        labels = batch.get("labels")
+        if labels is None:
+            return self.llm(inputs_embeds=x, attention_mask=mask, position_ids=position_ids), \
+                None, None
+        targets = labels[:, 1:]  # (B, T-1): logits at t predict the token at t + 1
+        keep = targets != IGNORE_INDEX  # (B, T-1)
+        at = torch.cat([keep, keep.new_zeros(keep.shape[0], 1)], dim=1)  # (B, T)
+        logits = None
+        if answer_only:
+            rows = self.llm(inputs_embeds=x, attention_mask=mask, position_ids=position_ids,
+                            logits_at=at)  # (N, V)
+        else:
+            logits = self.llm(inputs_embeds=x, attention_mask=mask, position_ids=position_ids)
+            rows = logits[at]  # (N, V)
+        if "segments" in batch:
+            sequence, n_seq = batch["segments"][:, 1:][keep], batch["n_segments"]
+        else:
+            sequence, n_seq = keep.nonzero()[:, 0], labels.shape[0]
+        loss_sum = -sequence_logprobs(rows, targets[keep], sequence, n_seq)  # Eq. 8 per sequence
+        n_tokens = torch.zeros(n_seq, dtype=torch.long, device=labels.device).index_add(
+            0, sequence, torch.ones_like(sequence))
         return logits, loss_sum, n_tokens
 
     # -------------------------------------------------------------- generation
@@ -232,25 +262,37 @@ class SageModel(nn.Module):
 
         Config from config.json, vocab_size from the checkpoint's embedding table (InternVL2 adds
         tokens after Yi's 64000); built on meta, materialised on `device` (default CPU) in
-        `dtype` (default: the checkpoint's), filled by sage.checkpoint.load_into. Fusion /
-        projection head keys may be absent (plain InternVL2): they are initialised and listed in
-        `model.load_report`. The tokenizer is attached when tokenizer.model is present.
+        `dtype` (default: the checkpoint's), filled by sage.checkpoint.load_into. A plain
+        InternVL2 directory (no sage_config) is the plain VLM: facts_mode "none", no fusion
+        modules. With facts_mode "fe", fusion / head keys may be absent: they are initialised
+        and listed in `model.load_report`. tokenizer.model must be there (FileNotFoundError
+        naming the directory); the tokenizer is attached.
         Returned in eval().
         """
         path = Path(path)
+        if not (path / "tokenizer.model").is_file():  # before minutes of loading weights
+            raise FileNotFoundError(f"{path}: no tokenizer.model (a model directory needs its "
+                                    "tokenizer beside the weights, as InternVL2 publishes it)")
         with torch.device("meta"):
             model = cls(cls.config_for(path, read_checkpoint_index(path)))
-        model.load_report = load_into(model, path, INTERNVL_KEY_MAP,
+        model.load_report = load_into(model, path, model.key_map,
                                       dtype=dtype or checkpoint_dtype(path), strict=strict,
                                       new_ok=("fusion.", "fact_proj."), device=device)
         model.attach_tokenizer(path)
         return model.eval()
+
+    @property
+    def key_map(self) -> dict:
+        """Published name -> ours for loading this model: without fusion modules (facts
+        "hard" / "none") SAGE's tensors, if the checkpoint has any, are skipped."""
+        return INTERNVL_KEY_MAP if self.fusion is not None else PLAIN_VLM_KEY_MAP
 
     @staticmethod
     def config_for(path: str | os.PathLike, ckpt: dict) -> SageConfig:
         """The config of checkpoint directory `path`: its config.json, with vocab_size from the
         embedding table in `ckpt` (read_checkpoint_index), which InternVL2 makes larger."""
         cfg = SageConfig.from_pretrained(path)
+        check_config_metadata(cfg, path)  # the config recorded at export, where there is one
         emb = ckpt.get("language_model.model.embed_tokens.weight")
         if emb is not None and emb.shape[0] != cfg.llm.vocab_size:
             cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm,

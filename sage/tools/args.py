@@ -138,3 +138,9 @@ def add_runtime_args(p: argparse.ArgumentParser, out: str) -> None:
                    help="FSDP2 CPU offload of params, grads and optimizer state")
     p.add_argument("--log_every", type=at_least(1), default=10, help="status line every N steps")
     p.add_argument("--device", default=None, help="cuda or cpu (None: cuda if available)")
+    p.add_argument("--export_dtype", default="bfloat16",
+                   choices=["bfloat16", "float16", "float32"],
+                   help="dtype of the exported weights (InternVL2 publishes bf16)")
+    p.add_argument("--system_message", default=None,
+                   help="system turn of the Hermes-2 template (None: the --init config's; "
+                        "InternVL's own for a plain InternVL2 directory)")

@@ -17,7 +17,8 @@ import sage
 from sage.data import load_jsonl
 from sage.diagnose import (decision_report, first_of_each_group, fusion_report, perception_auroc,
                            swap_images)
-from sage.tools.args import Parser
+from sage.tools.args import Parser, at_least
+from sage.tools.errors import run_main
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -25,8 +26,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", required=True, help="InternVL2-layout model directory")
     p.add_argument("--data", default="data/synthad", help="data root holding the JSONL splits")
     p.add_argument("--split", default="sfe_train", help="JSONL split")
-    p.add_argument("--limit", type=int, default=64, help="first N records")
-    p.add_argument("--images", type=int, default=16,
+    p.add_argument("--limit", type=at_least(1), default=64, help="first N records")
+    p.add_argument("--images", type=at_least(2), default=16,
                    help="images (first record of each group) for the fusion-pathway figures")
     p.add_argument("--swap_images", action="store_true",
                    help="also measure with each record's images taken from another group")
@@ -68,5 +69,6 @@ def print_fusion_report(rep: dict, n_images: int) -> None:
     print(f"  one-shot vs zero-shot fact tokens: cosine {o['cos']:.4f}, distance "
           f"{o['rel_dist']:.4f} of the one-shot norm (0 = the reference changes nothing)")
 
+
 if __name__ == "__main__":
-    main()
+    run_main(main)

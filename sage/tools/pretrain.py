@@ -54,7 +54,9 @@ def main(argv: list[str] | None = None) -> None:
     # runtime
     add_runtime_args(p, out="runs/pretrain")
     args = p.parse_args(argv)
-    cfg = SageConfig.preset(args.preset, facts_mode="none")  # an unknown preset: before any work
+    cfg = SageConfig.preset(args.preset, facts_mode="none", **(
+        {} if args.system_message is None else {"system_message": args.system_message}))
+    # (an unknown preset fails here, before any work)
 
     # ------------------------------------------------------------------------- distributed, seeds
     dist = init_distributed(args.device)
@@ -140,7 +142,8 @@ def main(argv: list[str] | None = None) -> None:
                             keep_last=args.keep_last)
 
     # ------------------------------------------------------------------------- export, cleanup
-    export_model(model, cfg, tokenizer, run_dir / "export", dist.rank)
+    export_model(model, cfg, tokenizer, run_dir / "export", dist.rank,
+                 dtype=getattr(torch, args.export_dtype))
     print0(f"exported {run_dir / 'export'}")
     log.close()
     cleanup()

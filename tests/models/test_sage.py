@@ -38,7 +38,8 @@ def build(tok, seed=0, **kw) -> SageModel:
     torch.manual_seed(seed)
     model = SageModel(micro_cfg(tok, **kw))
     model.init_weights()
-    torch.nn.init.normal_(model.fact_proj.fc.weight, std=0.02)  # let t^s reach the LLM
+    if model.fact_proj is not None:  # built for facts_mode 'fe' only
+        torch.nn.init.normal_(model.fact_proj.fc.weight, std=0.02)  # let t^s reach the LLM
     model.tokenizer = tok
     for p in model.vision.parameters():
         p.requires_grad_(False)
@@ -136,3 +137,32 @@ def test_generation_cache_and_batching(tok, gen):
         alone = model.generate(collate([ex]), max_new_tokens=6)[0]
         n = alone.shape[0]
         assert torch.equal(cached[b, :n], alone), b
+
+
+@pytest.mark.parametrize("mode", ["fe", "none"])
+def test_answer_only_logits_give_the_same_loss(tok, gen, mode):
+    model = build(tok, facts_mode=mode)
+    batch = Collator(tok, model.cfg)([example(i, gen) for i in range(2)])
+    logits, full, n_full = model(batch)
+    none, rows, n_rows = model(batch, answer_only=True)
+    assert none is None and logits.shape[:2] == batch["input_ids"].shape
+    torch.testing.assert_close(rows, full, atol=1e-5, rtol=1e-5)
+    assert n_rows.tolist() == n_full.tolist()
+
+
+def test_packed_edpo_rows_equal_one_sequence_per_answer(tok, gen):
+    """A packed row (prompt once, answers as segments) gives each answer exactly the loss of
+    its own prompt + answer sequence."""
+    from sage.data.collate import EDPOCollator
+
+    model = build(tok)
+    exs = [example(i, gen, tiles=1 + i) for i in range(2)]
+    ranks = [[0, 1, 2, 3], [1, 3]]
+    packed = EDPOCollator(tok, model.cfg).pack(exs, ranks)
+    _, loss, n_tok = model(packed, answer_only=True)
+    plain = Collator(tok, model.cfg)
+    want = torch.cat([model(plain.build([ex] * len(r), [ex["answers"][k] for k in r]))[1]
+                      for ex, r in zip(exs, ranks)])
+    assert loss.shape == (6,) and packed["seq_ranks"].tolist() == [0, 1, 2, 3, 1, 3]
+    torch.testing.assert_close(loss, want, atol=1e-5, rtol=1e-5)
+    assert (n_tok > 0).all()
