@@ -33,7 +33,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_state_dict, set_state_dict)
 
-from sage.checkpoint import save_state_dict
+from sage.export import save_state_dict
 from sage.config import SageConfig
 from sage.distributed import barrier, broadcast_object, print0
 

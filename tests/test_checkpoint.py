@@ -11,7 +11,8 @@ from safetensors.torch import load_file, save_file
 
 import sage
 
-from sage.checkpoint import load_into, model_tensors, save_pretrained, save_state_dict
+from sage.checkpoint import load_into, model_tensors
+from sage.export import save_pretrained, save_state_dict
 from sage.config import LLMConfig, SageConfig
 from sage.names import HERMES2_SYSTEM_MESSAGE
 from sage.names import (INTERNVL_KEY_MAP, INTERNVL_KEY_MAP_INV, LLAMA_KEY_MAP, LLAMA_KEY_MAP_INV,

@@ -78,6 +78,7 @@ FLOORS = {
     "sage.config": {"sage.names"},
     "sage.tokenizer": {"sage.losses", "sage.names"},  # names: Hermes-2's system message
     "sage.checkpoint": {"sage.config", "sage.names", "sage.safetensors_io"},
+    "sage.export": {"sage.checkpoint", "sage.config", "sage.names", "sage.safetensors_io"},
 }
 MODEL_ALLOWED = {"sage.config", "sage.names", "sage.safetensors_io", "sage.checkpoint",
                  "sage.kernels", "sage.losses", "sage.tokenizer"}

@@ -153,8 +153,9 @@ def test_disk_full_during_a_save_is_named_and_cleaned(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(runs.dcp, "save", full)
-    with pytest.raises(OSError, match="no space left on device while saving the checkpoint "
-                                      rf".*step_000002 \(the partial \.tmp_step_000002 was removed"):
+    with pytest.raises(OSError, match=r"no space left on device while saving the checkpoint "
+                                      r".*step_000002 \(the partial \.tmp_step_000002 "
+                                      r"was removed"):
         save_checkpoint(tmp_path, 2, model, opt, {}, rank=0)
     assert list(tmp_path.iterdir()) == []  # no partial directory left to fill the disk
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from sage.checkpoint import save_pretrained
+from sage.export import save_pretrained
 from sage.config import SageConfig
 from sage.models.intern_vit import InternViT
 from sage.perception import make_pool, pretrain

@@ -332,8 +332,8 @@ def test_from_pretrained_errors(hf, tmp_path):
 
 
 def test_transformers_loads_our_export(llm, tmp_path):
-    """Round trip: sage.checkpoint.save_pretrained(layout="llama") -> LlamaForCausalLM."""
-    from sage.checkpoint import save_pretrained
+    """Round trip: sage.export.save_pretrained(layout="llama") -> LlamaForCausalLM."""
+    from sage.export import save_pretrained
 
     save_pretrained(llm, tmp_path / "out", layout="llama")
     ref = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "out",
