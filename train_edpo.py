@@ -1,4 +1,4 @@
-"""Stage 2: Entropy-aware DPO (E-DPO) preference alignment (paper §3.3; DESIGN §2).
+"""Stage 2: Entropy-aware DPO (E-DPO) preference alignment (paper §3.3; docs/design.md §2).
 
 Policy and frozen reference both start from the SFE export. InternViT, the fusion attention
 and its head are frozen; the adapter and the LLM are trained. Per instance, the judge's

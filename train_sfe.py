@@ -1,4 +1,4 @@
-"""Stage 1: Self-Guided Fact Enhancement (SFE) fine-tuning (paper §3.2, §3.4; DESIGN §2).
+"""Stage 1: Self-Guided Fact Enhancement (SFE) fine-tuning (paper §3.2, §3.4; docs/design.md §2).
 
 Trains the adapter, the fusion attention (Eq. 2) with its projection head (Eq. 9) and the LLM
 on the answer tokens only (Eq. 8); InternViT stays frozen and runs without autograd. Also runs

@@ -1,5 +1,5 @@
 """Checkpoints: streaming load into a (sharded) model, and the check of the config an export
-recorded (DESIGN §5; writing is sage.export).
+recorded (docs/design.md §5; writing is sage.export).
 
 The names come from sage.names (one key map per published layout, published -> ours, and its
 inverse); the files are read and written by sage.safetensors_io. This module depends on those

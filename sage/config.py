@@ -2,7 +2,7 @@
 
 Presets are an exact-name table (`SageConfig.preset("tiny")`, `SageConfig.preset("internvl2-40b")`);
 `SageConfig.from_pretrained(dir)` maps an InternVL2 `config.json` onto these dataclasses and
-fails on a missing or unknown key, naming the file and the key (DESIGN §5);
+fails on a missing or unknown key, naming the file and the key (docs/design.md §5);
 `VisionConfig/LLMConfig.from_pretrained(dir)` read a plain InternViT / HF Llama one. Every
 config.json key name comes from the tables of sage.names, which feed reading (`from_dict`)
 and writing (`to_dict`) alike.
@@ -129,7 +129,7 @@ class SageConfig:
     ps_version: str = "v2"  # pixel shuffle channel order (InternVL "v2")
     select_layer: int = -1  # InternViT hidden state fed to the adapter (-1 = last block)
     adapter_norm_eps: float = 1e-5  # LayerNorm eps of mlp1.0
-    template: str = "Hermes-2"  # chat template name (DESIGN §5)
+    template: str = "Hermes-2"  # chat template name (docs/design.md §5)
     dynamic_image_size: bool = False  # tile large images into up to max_dynamic_patch tiles
     use_thumbnail: bool = False  # add a global thumbnail tile when tiling
     max_dynamic_patch: int = 6  # max tiles per image when tiling
@@ -139,13 +139,14 @@ class SageConfig:
     top_k: int = 32  # K: selected test patches (Eq. 1)
     fusion_heads: int = 8  # heads of the fusion cross-attention (Eq. 2)
     max_fact_tokens: int = 48  # tokens kept per fact sentence before pooling
-    selection: str = "nn"  # "nn": s_i = max_j cos (DESIGN §1 step 2); "min": literal Eq. 1
+    selection: str = "nn"  # "nn": s_i = max_j cos (docs/design.md §1 step 2); "min": literal Eq. 1
     facts_mode: str = "fe"  # "fe" (fusion, default), "hard" (facts as text), "none" (plain VLM)
     fusion_norm: str = "pre"  # "pre": LayerNorm (no params) on W_q/W_k inputs; "none": Eq. 2
     fusion_init: str = "fan_in"  # fusion W_q/k/v/o ~ N(0, 1/C) ("fan_in") or N(0, 0.02^2)
     fact_head_init: float = 1e-3  # std of the Eq. 9 head Linear's weight at init (0: zeros)
     fusion_values: str = "difference"  # one-shot values v_d; "test": v_t[idx] (Eq. 2)
-    # The system turn of the Hermes-2 template, rendered always as InternVL does (DESIGN §5):
+    # The system turn of the Hermes-2 template, rendered always as InternVL does
+    # (docs/design.md §5):
     # InternVL's own message by default; None = no system turn (the committed tiny base).
     system_message: str | None = HERMES2_SYSTEM_MESSAGE
 
@@ -403,18 +404,19 @@ def _tiny() -> SageConfig:
         llm=LLMConfig(vocab_size=2048, dim=256, n_layers=4, n_heads=8, n_kv_heads=2,
                       ffn_dim=704, norm_eps=1e-5, rope_theta=5e6, max_seq_len=1024),
         n_facts=4, top_k=8, fusion_heads=4, max_fact_tokens=32,
-        system_message=None,  # the tiny base was pretrained without a system turn (DESIGN §5)
+        # the tiny base was pretrained without a system turn (docs/design.md §5)
+        system_message=None,
     )
 
 
 def _internvl2_40b() -> SageConfig:
-    # InternViT-6B-448px-V1-5 + mlp1 + Nous-Hermes-2-Yi-34B (DESIGN §5). vocab_size is the
+    # InternViT-6B-448px-V1-5 + mlp1 + Nous-Hermes-2-Yi-34B (docs/design.md §5). vocab_size is the
     # checkpoint's; 64000 is Yi's own table before InternVL's added tokens.
     return SageConfig(
         vision=VisionConfig(),
         llm=LLMConfig(),
         dynamic_image_size=True, use_thumbnail=True, max_dynamic_patch=6,
-        system_message=HERMES2_SYSTEM_MESSAGE,  # InternVL's (DESIGN §5)
+        system_message=HERMES2_SYSTEM_MESSAGE,  # InternVL's (docs/design.md §5)
     )
 
 

@@ -1,5 +1,5 @@
 """Distributed plumbing: process group, collectives, rank-0 printing and the FSDP2 recipe
-(which parameters train, how the model is sharded, built and optimised; STYLE §7).
+(which parameters train, how the model is sharded, built and optimised; docs/design.md §8.7).
 
 Every script calls the same functions at any world size: under `torchrun` the process group
 comes from the environment (NCCL on CUDA, gloo on CPU); a plain `python script.py` gets a
@@ -22,7 +22,7 @@ from sage.checkpoint import load_into
 from sage.config import SageConfig
 from sage.models.sage import SageModel
 
-# Trainable groups (DESIGN §2): InternViT is frozen in every stage.
+# Trainable groups (docs/design.md §2): InternViT is frozen in every stage.
 TRAINABLE = {
     "pretrain": ("adapter.", "llm."),
     "sfe": ("adapter.", "fusion.", "fact_proj.", "llm."),
@@ -138,7 +138,7 @@ def fsdp_units(model: SageModel) -> list[nn.Module | list[nn.Module]]:
 
 def shard_model(model: SageModel, device: torch.device, bf16: bool | None = None,
                 activation_checkpointing: bool = False, cpu_offload: bool = False) -> nn.Module:
-    """FSDP2 recipe (DESIGN §2, STYLE §7) for a SageModel built on the meta device.
+    """FSDP2 recipe (docs/design.md §2, §8.7) for a SageModel built on the meta device.
 
     fully_shard every unit of `fsdp_units`, then the root. bf16 parameters with fp32 gradient
     reduction on CUDA; on CPU everything stays fp32 (bf16 brings no speed there). Set

@@ -1,4 +1,4 @@
-"""Export: a (possibly FSDP2-sharded) model written in a published layout (DESIGN §5).
+"""Export: a (possibly FSDP2-sharded) model written in a published layout (docs/design.md §5).
 
 Our-named tensors are mapped back through the inverse key maps of sage.names, streamed into
 safetensors files by sage.safetensors_io (sharded with an index above a size), next to

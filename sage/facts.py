@@ -1,4 +1,4 @@
-"""Offline fact sentences for SFE (paper §3.2, DESIGN §1 step 3) and their cache.
+"""Offline fact sentences for SFE (paper §3.2, docs/design.md §1 step 3) and their cache.
 
 The pretrained VLM answers each fixed prompt of sage.data.prompts.FACT_PROMPTS about the test
 image (plain prompt, no facts, no reference); each answer is split into sentences and the

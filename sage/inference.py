@@ -1,5 +1,5 @@
 """Answering questions with a loaded model: what chat, the fact asker (sage.facts) and
-evaluate.py share (DESIGN §1, §3).
+evaluate.py share (docs/design.md §1, §3).
 
     examples -> Collator(for_generation=True) -> to_device -> model.generate (Eq. 10,
     KV cache) -> tokenizer.decode (special tokens dropped, stop and pad included) -> answers

@@ -1,4 +1,4 @@
-"""Training losses of SAGE as pure functions of tensors (paper §3.3-3.4, DESIGN §2).
+"""Training losses of SAGE as pure functions of tensors (paper §3.3-3.4, docs/design.md §2).
 
 E-DPO (Stage 2), per instance with L ranked answers a_1 > ... > a_L (L = L_N = 4):
 
@@ -40,7 +40,7 @@ def mle_score(sub_scores: torch.Tensor) -> torch.Tensor:
 
 
 def answer_entropy(scores: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Eq. 4 (project reading, DESIGN §2): p = softmax(S / tau) over the L ranked
+    """Eq. 4 (project reading, docs/design.md §2): p = softmax(S / tau) over the L ranked
     answers; per-answer entropy H_i = -p_i log p_i.   scores (..., L) -> H (..., L)"""
     p = torch.softmax(scores.float() / temperature, dim=-1)
     return -torch.special.xlogy(p, p)  # xlogy: 0 * log 0 = 0 if p underflows
@@ -73,7 +73,7 @@ def dpo_rewards(pol: torch.Tensor, ref: torch.Tensor, beta: float) -> torch.Tens
 def edpo_loss(pol_w: torch.Tensor, pol_l: torch.Tensor, ref_w: torch.Tensor,
               ref_l: torch.Tensor, delta_h: torch.Tensor | float, beta: float,
               eta: float) -> torch.Tensor:
-    """Eq. 6-7 with the reference model (DESIGN §2), one value per (a_w, a_l) pair.
+    """Eq. 6-7 with the reference model (docs/design.md §2), one value per (a_w, a_l) pair.
 
     d = beta [(log pi(a_w) - log ref(a_w)) - (log pi(a_l) - log ref(a_l))] - eta * delta_h
     L = -log sigmoid(d)

@@ -1,4 +1,4 @@
-"""Evaluation metrics (paper §5.1, DESIGN §3) as pure functions of prediction records.
+"""Evaluation metrics (paper §5.1, docs/design.md §3) as pure functions of prediction records.
 
 A prediction is a dict with at least: id, group, level, label ("yes"/"no"), decision
 ("yes"/"no"/None), and optionally mle [type, loc, logic] and sbert (cosine similarity).

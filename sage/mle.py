@@ -15,7 +15,7 @@ A judge scores one candidate answer to a question against the expert reference a
   scores are appended to a JSONL cache keyed by sha256(model, messages), so an interrupted
   run resumes without asking anything twice. The API key is never logged or written.
 
-`score_records` fills each record's `mle` field ([[t, l, g]] x L, DESIGN §6); the command
+`score_records` fills each record's `mle` field ([[t, l, g]] x L, docs/design.md §6); the command
 line is `python -m sage.tools.mle`.
 
     rep = score_records(records, OracleJudge())

@@ -1,7 +1,7 @@
-"""Published names in one place (DESIGN §5): tensor key maps and config.json field tables.
+"""Published names in one place (docs/design.md §5): tensor key maps and config.json field tables.
 
-Published Hugging Face layouts and ours differ only by names (STYLE §5), so each layout is one
-table `published name -> our name` (`{}` = layer index, `*` = the rest of a dotted name,
+Published Hugging Face layouts and ours differ only by names (docs/design.md §8.5), so each layout
+is one table `published name -> our name` (`{}` = layer index, `*` = the rest of a dotted name,
 `None` = deliberately skipped) plus its inverse for export:
 
     INTERNVL_KEY_MAP    InternVL2 (`vision_model.*`, `mlp1.{0,1,3}.*`, `language_model.*`)

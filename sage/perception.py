@@ -2,10 +2,10 @@
 
 The real pipeline starts from InternViT-6B, whose features already tell a scratch from a clean
 surface on any object (web-scale pretraining). A random tiny InternViT does not: frozen, as
-DESIGN §2 keeps it in SFE, it leaves nothing for Eq. 1 to select and nothing for Eq. 2 to fuse
-(README, "Diagnostics of the perception problem"). This module gives the tiny tower that
-general skill before the base VLM is pretrained on top of it, with generic supervision on
-freshly rendered SynthAD objects (every category, none of the QA splits' images):
+docs/design.md §2 keeps it in SFE, it leaves nothing for Eq. 1 to select and nothing for Eq. 2 to
+fuse (docs/experiments.md, "Diagnostics of the perception problem"). This module gives the
+tiny tower that general skill before the base VLM is pretrained on top of it, with generic
+supervision on freshly rendered SynthAD objects (every category, none of the QA splits' images):
 
 - per patch: which surface mark covers it, if any (none / scratch / hole / crack / stain /
   missing part), read off the pixel difference between the same shot drawn with and without

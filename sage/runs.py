@@ -1,5 +1,5 @@
 """A run directory: resumable sharded checkpoints, the guard against overwriting an earlier
-run, and the final export (STYLE §6).
+run, and the final export (docs/design.md §8.6).
 
     out/<run>/step_000500/   DCP shards (model, optimizer) + rng_rankXXX.pt + meta.json
     out/<run>/metrics.jsonl  one line per logged step (sage.training.MetricsLog)

@@ -1,4 +1,4 @@
-"""Safetensors files (DESIGN §5): headers, checkpoint directories and a streaming writer.
+"""Safetensors files (docs/design.md §5): headers, checkpoint directories and a streaming writer.
 
 A safetensors file is an 8-byte little-endian header length, a JSON header
 `{name: {"dtype", "shape", "data_offsets": [begin, end]}}` and the raw tensor bytes. A

@@ -1,4 +1,5 @@
-"""Tokenizer: sentencepiece with whole special tokens and the Hermes-2 chat template (DESIGN §5).
+"""Tokenizer: sentencepiece with whole special tokens and the Hermes-2 chat template
+(docs/design.md §5).
 
 The real model (InternVL2-40B) uses Nous-Hermes-2-Yi-34B's `tokenizer.model` (64000 pieces,
 `<unk>` 0, `<|startoftext|>` 1, `<|endoftext|>` 2, `<|im_start|>` 6, `<|im_end|>` 7) plus the
@@ -74,8 +75,8 @@ SPECIAL_MAP_FILE = "special_tokens_map.json"
 
 def render_prompt(user: str, system: str | None = HERMES2_SYSTEM_MESSAGE,
                   answer: str | None = None) -> str:
-    """Hermes-2 text as InternVL's conversation.py renders it (DESIGN §5): turns joined with
-    no newline in between, the system turn always present (an empty message included).
+    """Hermes-2 text as InternVL's conversation.py renders it (docs/design.md §5): turns joined
+    with no newline in between, the system turn always present (an empty message included).
 
     `<|im_start|>system\\n{system}<|im_end|>` + `<|im_start|>user\\n{user}<|im_end|>` +
     `<|im_start|>assistant\\n` (+ `{answer}<|im_end|>`). system None: no system turn at all
@@ -344,7 +345,7 @@ class Tokenizer:
             parts.append(self.sp.decode(run))
         return "".join(parts)
 
-    # -- chat template (DESIGN §5)
+    # -- chat template (docs/design.md §5)
     def render_prompt(self, user: str, system: str | None = HERMES2_SYSTEM_MESSAGE,
                       answer: str | None = None) -> str:
         """Hermes-2 text of one exchange; see the module-level `render_prompt`."""

@@ -8,7 +8,7 @@ from sage.config import SageConfig
 
 @pytest.fixture
 def tiny_cfg() -> SageConfig:
-    """The embedded CPU-sized model (DESIGN §7)."""
+    """The embedded CPU-sized model (docs/design.md §7)."""
     return SageConfig.preset("tiny")
 
 

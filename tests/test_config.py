@@ -74,7 +74,8 @@ def test_unknown_and_missing_keys_name_file_and_key(tmp_path):
     d["vision_config"]["use_magic"] = True  # a switch: may change the architecture
     (tmp_path / "config.json").write_text(json.dumps(d))
     with pytest.raises(KeyError, match=r"config.json: unknown key\(s\) "
-                                       r"\['vision_config.use_magic'\] may change the architecture"):
+                                       r"\['vision_config.use_magic'\] may change the "
+                                       r"architecture"):
         SageConfig.from_pretrained(tmp_path)
     del d["vision_config"]["use_magic"], d["downsample_ratio"]
     (tmp_path / "config.json").write_text(json.dumps(d))

@@ -53,7 +53,7 @@ def test_one_table_feeds_internvl_and_plain_writers(tiny_cfg):
     # every field of the vision / LLM dataclasses has exactly one published key
     assert sorted(f for _, f, _ in VISION_FIELDS) == sorted(vars(VisionConfig()))
     assert sorted(f for _, f, _ in LLM_FIELDS) == sorted(vars(LLMConfig()))
-    # published names where the published layout has them (DESIGN §5)
+    # published names where the published layout has them (docs/design.md §5)
     assert d["llm_config"]["hidden_size"] == 256 and d["llm_config"]["rope_theta"] == 5e6
     assert d["vision_config"]["initializer_factor"] == 0.1
     want = {"adapter_norm_eps": 1e-5, "n_facts": 4, "top_k": 8, "fusion_heads": 4,

@@ -1,5 +1,5 @@
 """sage.plan: the per-rank memory plan (phases, accumulation) against hand counts and the
-peaks measured on an H200 (README, Performance)."""
+peaks measured on an H200 (docs/performance.md)."""
 
 import dataclasses
 
@@ -51,7 +51,7 @@ def test_accumulation_keeps_gradients_alive_during_the_forward():
                                                      (4, False, 40.84)])
 def test_plan_within_10_percent_of_the_h200_peaks(micro_batch, ac, measured):
     # torch.cuda.max_memory_allocated of `python -m sage.tools.bench.train_step` (one rank, bf16
-    # FSDP2, AdamW), H200, 2026-11-30; see README, Performance
+    # FSDP2, AdamW), H200, 2026-11-30; see docs/performance.md
     p = plan_memory(slice_cfg(), world=1, gpu_gib=139, micro_batch=micro_batch,
                     activation_checkpointing=ac)
     assert abs(measured / p.total - 1) < 0.10

@@ -1,4 +1,4 @@
-"""Importers from external formats into SAGE's JSONL records (DESIGN §6).
+"""Importers from external formats into SAGE's JSONL records (docs/design.md §6).
 
     convert("manta", "IN.json", "OUT.jsonl", root="IMAGES")   # or: python -m sage.tools.convert
 

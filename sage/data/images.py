@@ -1,4 +1,5 @@
-"""InternVL image preprocessing (DESIGN §5): RGB, bicubic resize, ImageNet mean/std, tiling.
+"""InternVL image preprocessing (docs/design.md §5): RGB, bicubic resize, ImageNet mean/std,
+tiling.
 
 Without tiling an image becomes one S x S tile. With `dynamic=True` it follows InternVL's
 `dynamic_preprocess`: among the tile grids (cols, rows) with min_tiles <= cols*rows <= max_tiles

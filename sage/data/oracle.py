@@ -1,6 +1,7 @@
 """SynthAD's deterministic MLE judge (Eq. 3 sub-scores) and the Yes/No decision rule.
 
-`extract_decision(text)` -> "yes" / "no" / None, the decision the answer states (DESIGN §3):
+`extract_decision(text)` -> "yes" / "no" / None, the decision the answer states
+(docs/design.md §3):
 
   1. A statement of the decision, the last one in the answer winning: "(the/final) answer
      (to ...) is / : / = X" ("So the answer is Yes", "The answer is no", "answer: yes"), a

@@ -1,11 +1,12 @@
-"""Prompt assembly (DESIGN §1 step 6): where image tokens and fact tokens sit in the user turn.
+"""Prompt assembly (docs/design.md §1 step 6): where image tokens and fact tokens sit in the
+user turn.
 
     <img><IMG_CONTEXT> x (n_image_tokens * tiles)</img>\n
     <FACT_CONTEXT> x N\nAbove is the feature related to the anomaly facts.\n   (facts_mode "fe")
     Facts: s_1 s_2 ... s_N\nAbove is the feature related to the anomaly facts.\n (facts_mode "hard")
     {question}
 
-The chat template around this message lives in `sage.tokenizer` (Hermes-2, DESIGN §5).
+The chat template around this message lives in `sage.tokenizer` (Hermes-2, docs/design.md §5).
 
     msg = build_user_message("Is there a scratch?", n_image_tokens=64, facts_mode="fe", n_facts=4)
 """

@@ -1,4 +1,4 @@
-"""The AD-PL style JSONL record format (DESIGN §6) and its validating loader.
+"""The AD-PL style JSONL record format (docs/design.md §6) and its validating loader.
 
 One JSON object per line; image paths are relative to the data root (by default the folder of
 the file). Two kinds of files:
@@ -160,7 +160,7 @@ def _check_strings(value: Any, fld: str, where: str) -> None:
 
 def validate_record(rec: Any, kind: str, root: Path, where: str,
                     check_images: bool | str = False, image_cache: dict | None = None) -> dict:
-    """Check one parsed record against DESIGN §6; `where` is 'FILE:LINE'. Returns rec.
+    """Check one parsed record against docs/design.md §6; `where` is 'FILE:LINE'. Returns rec.
 
     check_images: True checks each image fast (`image_problem`), "decode" decodes it in full;
     image_cache: {path: problem} shared across the records of one file."""
@@ -258,7 +258,7 @@ def load_jsonl(path: str | Path, kind: str = "qa", skip_bad: bool = False,
                check_images: bool | str = False, root: str | Path | None = None,
                report: Callable[[SkipReport], None] | None = None,
                allow_empty: bool = False) -> list[dict]:
-    """Read and validate a JSONL file of records (DESIGN §6) -> list of dicts.
+    """Read and validate a JSONL file of records (docs/design.md §6) -> list of dicts.
 
     root: data root of the image paths (default: the file's folder).
     check_images: also check every referenced image once: True reads its header (PNG chunks,

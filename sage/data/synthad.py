@@ -1,5 +1,5 @@
 """SynthAD: a generated industrial anomaly-reasoning benchmark in the AD-PL JSONL format
-(DESIGN §6-7), so that the whole SAGE pipeline runs offline on a CPU.
+(docs/design.md §6-7), so that the whole SAGE pipeline runs offline on a CPU.
 
 Products (8 categories, 3 colour variants each, two sizes) are drawn with Pillow on a lit,
 noisy background; an anomalous test image carries one defect at one of 9 regions:
@@ -106,8 +106,8 @@ def answers_for(label: str, t: dict, cat: str, rng: np.random.Generator) -> list
 
     Each states what the inspection shows and then the decision (`decide`): a model that
     must say Yes/No first has to see the part, read the question's polarity and combine the
-    two in one step, which the tiny model never learnt (README, "Why the evidence comes
-    first"); with the evidence first the Yes/No follows from text already written."""
+    two in one step, which the tiny model never learnt (docs/experiments.md, "Why the evidence
+    comes first"); with the evidence first the Yes/No follows from text already written."""
     wrong = "no" if label == "yes" else "yes"
     why = (CONSEQUENCE[t["defect"]] if t["anomalous"]
            else "so the part is fit for use and can pass inspection")
@@ -270,7 +270,7 @@ def yes_no_questions(cat: Category, colour: str, rng: np.random.Generator
     each asked in a positive or a negated form about the true or another value, so that
     "Yes" and "No" are equally likely and the answer needs both the image and the wording.
     A real VLM brings this skill to the anomaly task; without it SFE must learn the
-    question's polarity and the image at once (README, "Why the evidence comes first").
+    question's polarity and the image at once (docs/experiments.md, "Why the evidence comes first").
     -> [(question, answer, label)]."""
     others = [c for c in CATEGORIES if c.name != cat.name]
     asked = []

@@ -1,4 +1,4 @@
-"""Fast kernels behind plain-PyTorch specifications (STYLE §4)."""
+"""Fast kernels behind plain-PyTorch specifications (docs/design.md §8.4)."""
 
 from sage.kernels.topk_cosine import topk_cosine
 

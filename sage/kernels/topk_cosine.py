@@ -1,6 +1,6 @@
 """Top-K cosine patch selection (paper §3.2, Eq. 1): a PyTorch specification and a Triton kernel.
 
-Eq. 1 (project reading, DESIGN §1 step 2): for each test token v_t[i] its nearest-neighbour
+Eq. 1 (project reading, docs/design.md §1 step 2): for each test token v_t[i] its nearest-neighbour
 similarity to the reference is s_i = max_j cos(v_t[i], v_r[j]); the K test tokens with the
 *lowest* s_i are the most anomalous. We return their indices i, their scores s_i and the index
 j* = argmax_j cos(v_t[i], v_r[j]) of each one's nearest reference token. mode="min" is the

@@ -1,7 +1,7 @@
 """Pixel shuffle and the Adapter (InternVL2's `mlp1`): ViT patches -> LLM tokens.
 
-Paper §3.1: "a visual encoder F_v with an Adapter"; DESIGN §1 step 1, §5. After InternViT the
-CLS token is dropped and the (h x w) patch grid is folded 2x2 -> 1 ("pixel shuffle", ratio
+Paper §3.1: "a visual encoder F_v with an Adapter"; docs/design.md §1 step 1, §5. After InternViT
+the CLS token is dropped and the (h x w) patch grid is folded 2x2 -> 1 ("pixel shuffle", ratio
 0.5), which turns (B, 32, 32, 3200) into (B, 16, 16, 12800) for a 448 px tile; the adapter
 
     v = fc2(GELU(fc1(LayerNorm(x))))          published names mlp1.0 / mlp1.1 / mlp1.3

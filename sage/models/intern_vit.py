@@ -1,4 +1,4 @@
-"""InternViT: the vision tower F_v of InternVL2 (paper §3.1; DESIGN §1 step 1, §5).
+"""InternViT: the vision tower F_v of InternVL2 (paper §3.1; docs/design.md §1 step 1, §5).
 
 A pre-norm ViT (Dosovitskiy et al. 2020) in InternVL's layout. One block, with layer scale
 (gamma_1 = ls1, gamma_2 = ls2) and stochastic depth DP:

@@ -4,7 +4,7 @@ Pre-norm decoder blocks (RMSNorm -> GQA attention with rotate-half RoPE -> resid
 -> SwiGLU MLP -> residual), final RMSNorm and an untied LM head. Attribute names follow the
 published Hugging Face layout (`embed_tokens`, `layers.N.self_attn.q_proj`, `mlp.gate_proj`,
 `input_layernorm`, `norm`, `lm_head`) and RoPE uses the published rotate-half convention, so a
-checkpoint loads with a prefix change and no q/k permutation (DESIGN §5).
+checkpoint loads with a prefix change and no q/k permutation (docs/design.md §5).
 
 Shapes: B batch, T new tokens, S keys (cached + new), C = dim, H query heads, Hkv key/value
 heads, D = head_dim, V vocabulary.   input_ids (B, T) -> logits (B, T, V)

@@ -1,6 +1,6 @@
 """SageModel: InternViT + adapter + Llama with Self-Guided Fact Enhancement (paper §3.2, Fig. 2).
 
-One forward pass (DESIGN §1):
+One forward pass (docs/design.md §1):
   1. encode_images: InternViT -> drop CLS -> pixel shuffle -> adapter        v (tiles, T, C)
   2. Eq. 1: top-K test tokens least similar to the reference          idx, j* (B, K)
   3. facts: token embedding table + masked mean pooling (F_t)          t^g (B, N, C)
@@ -112,8 +112,8 @@ class SageModel(nn.Module):
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values (n_tiles, 3, S, S) -> visual tokens v (n_tiles, T, C), T =
-        cfg.n_image_tokens. InternViT runs without autograd when it is frozen (DESIGN §2); the
-        adapter always with it.
+        cfg.n_image_tokens. InternViT runs without autograd when it is frozen (docs/design.md
+        §2); the adapter always with it.
         """
         vit_trainable = any(p.requires_grad for p in self.vision.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and vit_trainable):

@@ -1,5 +1,5 @@
 """The command-line conventions of every SAGE script and tool, and the flags the training
-scripts share (STYLE §2).
+scripts share (docs/design.md §8.2).
 
 `Parser` is an `argparse.ArgumentParser` that shows every default in --help (the description
 keeps its own line breaks) and reads a flag spelt with dashes as its snake_case name:

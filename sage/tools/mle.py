@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     """-> the exit status (1 if any answer failed)."""
     p = Parser(description=__doc__)
     # data
-    p.add_argument("--data", required=True, help="input JSONL (DESIGN §6, kind qa)")
+    p.add_argument("--data", required=True, help="input JSONL (docs/design.md §6, kind qa)")
     p.add_argument("--out", default=None, help="output JSONL (None: DATA stem + .mle.jsonl)")
     p.add_argument("--in_place", action="store_true",
                    help="replace the input file (atomically) instead of writing --out")

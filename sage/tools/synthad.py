@@ -1,4 +1,4 @@
-"""Generate the SynthAD benchmark (DESIGN §7) into a directory: images, the JSONL splits,
+"""Generate the SynthAD benchmark (docs/design.md §7) into a directory: images, the JSONL splits,
 corpus.txt, facts.jsonl and manifest.json (see sage.data.synthad).
 
     python -m sage.tools.synthad --out data/synthad --seed 0 [--size 224] [--scale 1.0]

@@ -1,4 +1,4 @@
-"""JSONL record validation (DESIGN §6): each bad input names file, line and field; skip_bad
+"""JSONL record validation (docs/design.md §6): each bad input names file, line and field; skip_bad
 counts. Run: python -m pytest -q tests/data/test_schema.py"""
 
 import json

@@ -271,7 +271,7 @@ def test_internvit_6b_meta_parameter_count():
         vit = InternViT(cfg)
     params = list(vit.parameters())
     assert all(p.is_meta for p in params)  # nothing allocated
-    assert sum(p.numel() for p in params) == 5_536_496_000  # DESIGN §5
+    assert sum(p.numel() for p in params) == 5_536_496_000  # docs/design.md §5
     assert vit.embeddings.position_embedding.shape == (1, 1025, 3200)
 
 

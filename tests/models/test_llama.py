@@ -53,7 +53,8 @@ def hf():
 
 
 def hf_state_dict(hf_model) -> dict:
-    """transformers' keys -> ours: strip the `model.` prefix (DESIGN §5), lm_head unchanged."""
+    """transformers' keys -> ours: strip the `model.` prefix (docs/design.md §5), lm_head
+    unchanged."""
     return {k.removeprefix("model."): v for k, v in hf_model.state_dict().items()}
 
 
@@ -234,7 +235,7 @@ def test_meta_build_of_yi_34b_is_free_and_exact():
         model = Llama(cfg)
     params = list(model.parameters())
     assert all(p.is_meta for p in params)  # nothing allocated
-    assert sum(p.numel() for p in params) == 34_388_917_248  # DESIGN §5
+    assert sum(p.numel() for p in params) == 34_388_917_248  # docs/design.md §5
 
 
 def test_init_weights_after_meta_build():
