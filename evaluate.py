@@ -39,7 +39,7 @@ from sage.models.sage import SageModel
 from sage.runs import keep_aside
 from sage.safetensors_io import read_checkpoint_index
 from sage.sbert import sbert_similarities
-from sage.tensor_parallel import check_divisible, load_sharded, make_mesh
+from sage.tensor_parallel import check_divisible, load_sharded, model_copies
 from sage.tools.args import Parser, at_least, load_records
 from sage.tools.errors import report_errors
 from sage.training import Progress
@@ -100,11 +100,8 @@ settings = ["zero-shot", "one-shot"] if args.setting == "both" else [args.settin
 
 # ----------------------------------------------------------------------------- distributed
 dist = init_distributed(args.device)
-mesh = make_mesh(dist, args.tp) if args.tp > 1 else None
-# one model copy per data-parallel group; the tp ranks of a copy take the same records
-dp_rank, dp_size = ((mesh["dp"].get_local_rank(), mesh["dp"].size()) if mesh is not None
-                    else (dist.rank, dist.world_size))
-writer = mesh is None or mesh["tp"].get_local_rank() == 0  # records its copy's answers
+copies = model_copies(dist, args.tp)  # the tp ranks of a copy take the same records
+dp_rank, dp_size, writer = copies.dp_rank, copies.dp_size, copies.writer
 dtype = getattr(torch, args.dtype) if args.dtype else (
     torch.bfloat16 if dist.device.type == "cuda" else torch.float32)
 
@@ -143,8 +140,8 @@ print0(f"{len(records)} records from {args.split}; models {names}; settings {set
 part = open(out_dir / f"predictions.part{dp_rank:03d}.jsonl", "w") if writer else None
 predictions = []
 for name, model_dir in zip(names, args.model):
-    if mesh is not None:
-        model = load_sharded(model_dir, mesh["tp"], dtype=dtype, device=dist.device)
+    if copies.tp_mesh is not None:
+        model = load_sharded(model_dir, copies.tp_mesh, dtype=dtype, device=dist.device)
     else:
         model = sage.load_pretrained(model_dir, dtype=dtype, device=dist.device)
     bad = nonfinite_parameters(model)
@@ -179,7 +176,7 @@ for name, model_dir in zip(names, args.model):
             progress.update(len(examples))
         predictions += [p_ for rank_part in gather_objects(local if writer else [])
                         for p_ in rank_part]
-    if args.visualize and mesh is not None:
+    if args.visualize and copies.tp_mesh is not None:
         print0("--visualize: skipped under --tp (it runs one rank's forward on its own)")
     elif args.visualize and dist.is_main:
         vis_ds = SFEDataset(records, args.data, model.cfg, setting="one-shot")

@@ -38,7 +38,7 @@ from sage.inference import to_device
 from sage.losses import dpo_rewards, edpo_loss
 from sage.reference import cache_meta, load_cache, ref_key, reference_logps, save_cache
 from sage.runs import check_run_dir, export_model, resume, save_checkpoint, start_run
-from sage.tensor_parallel import load_sharded, make_mesh
+from sage.tensor_parallel import load_sharded, model_copies
 from sage.tokenizer import Tokenizer
 from sage.tools.args import Parser, add_optim_args, add_runtime_args, at_least, load_records
 from sage.tools.errors import report_errors
@@ -118,23 +118,21 @@ if args.ref_cache:
     if ref_table is not None:
         print0(f"reference log-probs: {len(ref_table)} from {args.ref_cache}")
 if ref_table is None:
-    if args.tp > 1:  # inference-only sharding: every rank of a group needs the same batch
-        mesh = make_mesh(dist, args.tp)
-        reference = load_sharded(args.init, mesh["tp"], cfg=cfg, device=dist.device,
+    copies = model_copies(dist, args.tp)  # tp > 1: inference-only sharding for the pass
+    if copies.tp_mesh is not None:
+        reference = load_sharded(args.init, copies.tp_mesh, cfg=cfg, device=dist.device,
                                  dtype=torch.bfloat16 if dist.device.type == "cuda" else None)
-        dp_rank, dp_size = mesh["dp"].get_local_rank(), mesh["dp"].size()
-        writer = mesh["tp"].get_local_rank() == 0
     else:  # FSDP2-sharded over the world, bf16 on CUDA
         reference = build_model(cfg, dist, args.init, stage="frozen",
                                 cpu_offload=args.cpu_offload, init_seed=args.seed)
-        dp_rank, dp_size, writer = dist.rank, dist.world_size, True
     reference.tokenizer = tokenizer
     reference.eval()
 if args.ref_cache and ref_table is None:
     progress = Progress("reference log-probs", len(records) * len(settings), "records",
                         printer=print0)
-    ref_table = reference_logps(reference, datasets, collate, args.micro_batch, dp_rank,
-                                dp_size, writer, dist.device, progress.update)
+    ref_table = reference_logps(reference, datasets, collate, args.micro_batch,
+                                copies.dp_rank, copies.dp_size, copies.writer, dist.device,
+                                progress.update)
     if dist.is_main:
         save_cache(args.ref_cache, meta, ref_table)
     print0(f"reference log-probs: computed {len(ref_table)}, cached in {args.ref_cache}")

@@ -18,17 +18,18 @@ Yi-34B on 8 ranks: 56 / 8 = 7 query heads and 8 / 8 = 1 KV head per rank. Contig
 chunks keep grouped-query attention intact: query head h reads KV head h // (H / Hkv), and
 rank r holds query heads [r H/N, (r+1) H/N) and KV heads [r Hkv/N, (r+1) Hkv/N).
 
-The world is data-parallel x tensor-parallel: `make_mesh(dist, tp)` returns a ("dp", "tp") mesh
-with tp consecutive ranks per group (one node's GPUs). Every rank of a tp group must run the
-same forwards on the same batch; different dp groups work on different records.
+The world is data-parallel x tensor-parallel: `model_copies(dist, tp)` places this rank in a
+("dp", "tp") mesh with tp consecutive ranks per model copy (one node's GPUs). Every rank of a
+copy must run the same forwards on the same batch; different copies take different records.
 
-    mesh = make_mesh(dist, tp=2)
-    model = load_sharded("weights/sage-tiny-base", mesh["tp"], dtype=torch.float32)
+    copies = model_copies(dist, tp=2)
+    model = load_sharded("weights/sage-tiny-base", copies.tp_mesh, dtype=torch.float32)
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -44,13 +45,28 @@ from sage.models.sage import SageModel
 from sage.safetensors_io import checkpoint_dtype, read_checkpoint_index
 
 
-def make_mesh(dist: DistInfo, tp: int) -> DeviceMesh:
-    """A 2-D ("dp", "tp") mesh over the world: world = dp x tp, tp consecutive ranks a group."""
+@dataclass
+class Copies:
+    """Where this rank stands in a data-parallel x tensor-parallel world."""
+
+    tp_mesh: DeviceMesh | None  # the ranks holding one model copy (None: tp = 1, no sharding)
+    dp_rank: int  # which copy: the records are split over the copies
+    dp_size: int  # how many copies
+    writer: bool  # the first rank of its copy, which speaks for it in gathers
+
+
+def model_copies(dist: DistInfo, tp: int) -> Copies:
+    """World = dp x tp: a ("dp", "tp") mesh with tp consecutive ranks (one node's GPUs) per
+    model copy. tp = 1: every rank is its own copy, no mesh."""
     if tp < 1 or dist.world_size % tp:
         raise ValueError(f"--tp {tp} must divide the world size {dist.world_size} "
                          "(world = data-parallel x tensor-parallel)")
-    return init_device_mesh(dist.device.type, (dist.world_size // tp, tp),
+    if tp == 1:
+        return Copies(None, dist.rank, dist.world_size, True)
+    mesh = init_device_mesh(dist.device.type, (dist.world_size // tp, tp),
                             mesh_dim_names=("dp", "tp"))
+    return Copies(mesh["tp"], mesh["dp"].get_local_rank(), mesh["dp"].size(),
+                  mesh["tp"].get_local_rank() == 0)
 
 
 def check_divisible(cfg: SageConfig, tp: int) -> None:

@@ -33,12 +33,12 @@ def worker(out: str) -> None:
     from sage.data.collate import Collator
     from sage.distributed import cleanup, init_distributed
     from sage.inference import generate_answers, to_device
-    from sage.tensor_parallel import load_sharded, make_mesh
+    from sage.tensor_parallel import load_sharded, model_copies
 
     dist = init_distributed("cpu")
-    mesh = make_mesh(dist, tp=dist.world_size)
+    copies = model_copies(dist, tp=dist.world_size)
     full = sage.load_pretrained(TINY, dtype=torch.float32)
-    sharded = load_sharded(TINY, mesh["tp"], dtype=torch.float32)
+    sharded = load_sharded(TINY, copies.tp_mesh, dtype=torch.float32)
     attn = sharded.llm.layers[0].self_attn
     examples = _examples(full.cfg)
     batch = to_device(Collator(full.tokenizer, full.cfg, for_generation=True)(examples), "cpu")

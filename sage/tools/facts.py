@@ -23,7 +23,7 @@ import sage
 from sage.config import SageConfig
 from sage.distributed import cleanup, gather_objects, init_distributed, print0
 from sage.facts import FactCache, collect_facts, fill_records, model_asker, openai_asker
-from sage.tensor_parallel import load_sharded, make_mesh
+from sage.tensor_parallel import load_sharded, model_copies
 from sage.tools.args import Parser, at_least, load_records
 from sage.tools.errors import run_main
 from sage.training import Progress
@@ -75,17 +75,14 @@ def main(argv: list[str] | None = None) -> None:
     root = data.parent
     # under torchrun: model copies of --tp ranks split the images; rank 0 writes the cache
     dist = init_distributed(a.device)
-    mesh = make_mesh(dist, a.tp) if a.tp > 1 else None
-    dp_rank, dp_size = ((mesh["dp"].get_local_rank(), mesh["dp"].size()) if mesh is not None
-                        else (dist.rank, dist.world_size))
-    writer = mesh is None or mesh["tp"].get_local_rank() == 0  # speaks for its copy
+    copies = model_copies(dist, a.tp)
     cache = FactCache(a.out, write=dist.is_main)
     ask, source = None, ""
     todo = [r["test_image"] for r in records if r["test_image"] not in cache]
     if todo and a.model:
         dtype = getattr(torch, a.dtype)
-        model = (load_sharded(a.model, mesh["tp"], dtype=dtype, device=dist.device)
-                 if mesh is not None else
+        model = (load_sharded(a.model, copies.tp_mesh, dtype=dtype, device=dist.device)
+                 if copies.tp_mesh is not None else
                  sage.load_pretrained(a.model, dtype=dtype, device=dist.device))
         ask, source = model_asker(model, root, a.max_new_tokens), f"model:{a.model}"
     elif todo and a.openai:
@@ -93,8 +90,8 @@ def main(argv: list[str] | None = None) -> None:
         source = f"openai:{a.model_name}"
     progress = Progress("facts", len(set(todo)), "images", printer=print0)
     n = collect_facts((r["test_image"] for r in records), cache, ask, source, n_facts,
-                      a.batch_size if a.model else 1, dp_rank=dp_rank, dp_size=dp_size,
-                      exchange=((lambda got: gather_objects(got if writer else []))
+                      a.batch_size if a.model else 1, dp_rank=copies.dp_rank, dp_size=copies.dp_size,
+                      exchange=((lambda got: gather_objects(got if copies.writer else []))
                                 if dist.world_size > 1 else None),
                       progress=progress.update)
     print0(f"facts: {n} image(s) asked, {len(cache)} cached in {a.out}")
