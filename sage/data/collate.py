@@ -117,17 +117,20 @@ class Collator:
             raise ValueError("cannot collate an empty list of examples")
         enc = [self.encode(ex, a) for ex, a in zip(examples, answers)]
         left = self.for_generation
-        input_ids = pad_sequences([e[0] for e in enc], self.tok.pad_id, left=left)  # (B, T)
-        attention_mask = pad_sequences([[1] * len(e[0]) for e in enc], 0, left=left)
-        labels = pad_sequences([e[1] for e in enc], IGNORE_INDEX, left=left)
+        return {
+            "input_ids": pad_sequences([e[0] for e in enc], self.tok.pad_id, left=left),  # (B, T)
+            "attention_mask": pad_sequences([[1] * len(e[0]) for e in enc], 0, left=left),
+            "labels": pad_sequences([e[1] for e in enc], IGNORE_INDEX, left=left),
+            **self.images_and_facts(examples),
+        }
+
+    def images_and_facts(self, examples: list[dict]) -> dict:
+        """The non-text part of a batch: tiles, fact tensors ("fe"), record ids."""
         refs = [ex.get("pixel_ref") is not None for ex in examples]
         if any(refs) and not all(refs):
             raise ValueError("batch mixes one-shot and zero-shot examples (pixel_ref None for "
                              f"ids {[ex.get('id') for ex, r in zip(examples, refs) if not r]})")
-        batch = {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "labels": labels,
+        out = {
             "pixel_test": torch.cat([ex["pixel_test"] for ex in examples]),
             "tiles_test": torch.tensor([ex["pixel_test"].shape[0] for ex in examples]),
             "pixel_ref": torch.cat([ex["pixel_ref"] for ex in examples]) if all(refs) else None,
@@ -138,8 +141,8 @@ class Collator:
             "ids": [ex.get("id") for ex in examples],
         }
         if self.facts_mode == "fe":
-            batch["fact_ids"], batch["fact_mask"] = self.fact_tensors(examples)
-        return batch
+            out["fact_ids"], out["fact_mask"] = self.fact_tensors(examples)
+        return out
 
     def __call__(self, examples: list[dict]) -> dict:
         if self.for_generation:
@@ -208,7 +211,7 @@ class EDPOCollator(Collator):
             positions.append(row_pos)
             segments.append(row_seg)
             spans.append((n, row_spans))
-        batch = self.build(examples, [None] * len(examples))  # images, facts, ids
+        batch = self.images_and_facts(examples)
         T = max(len(x) for x in rows)
         batch["input_ids"] = pad_sequences(rows, self.tok.pad_id)  # (B, T)
         batch["labels"] = pad_sequences(labels, IGNORE_INDEX)  # (B, T)

@@ -20,6 +20,7 @@ import torch
 
 from sage.config import SageConfig
 from sage.distributed import build_model, build_optimizer, cleanup, init_distributed
+from sage.inference import to_device
 from sage.plan import count_params, format_plan, plan_memory
 from sage.tools.args import Parser, at_least
 from sage.tools.bench import print_profile
@@ -53,7 +54,7 @@ def synthetic_batch(cfg: SageConfig, B: int, T: int, device, gen) -> dict:
              "tiles_ref": torch.ones(B, dtype=torch.long),
              "fact_ids": torch.randint(10, V - 10, (B, cfg.n_facts, 16), generator=gen),
              "fact_mask": torch.ones(B, cfg.n_facts, 16, dtype=torch.long), "ids": None}
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    return to_device(batch, device)
 
 
 def step_flops(cfg: SageConfig, B: int, T: int) -> float:
