@@ -40,7 +40,8 @@ from sage.reference import cache_meta, load_cache, ref_key, reference_logps, sav
 from sage.runs import check_run_dir, export_model, resume, save_checkpoint, start_run
 from sage.tensor_parallel import load_sharded, model_copies
 from sage.tokenizer import Tokenizer
-from sage.tools.args import Parser, add_optim_args, add_runtime_args, at_least, load_records
+from sage.tools.args import (Parser, add_optim_args, add_runtime_args, at_least, load_records,
+                             positive)
 from sage.tools.errors import report_errors
 from sage.training import (MetricsLog, Progress, accumulation_steps, check_finite, eta,
                            grad_norm_and_clip, lr_at, resolve_recipe, seed_everything,
@@ -63,9 +64,9 @@ p.add_argument("--max_len", type=int, default=None, help="truncate sequences (to
 # E-DPO
 p.add_argument("--loss", choices=["edpo", "dpo"], default="edpo",
                help="edpo: both pairs with the entropy bias; dpo: eta = 0, extreme pair only")
-p.add_argument("--beta", type=float, default=0.1, help="beta of Eq. 6-7 (DPO strength)")
-p.add_argument("--eta", type=float, default=1.0, help="eta of Eq. 6 (entropy bias scale)")
-p.add_argument("--tau", type=float, default=1.0, help="softmax temperature of Eq. 4")
+p.add_argument("--beta", type=positive(), default=0.1, help="beta of Eq. 6-7 (DPO strength)")
+p.add_argument("--eta", type=at_least(0.0, float), default=1.0, help="eta of Eq. 6 (entropy bias scale)")
+p.add_argument("--tau", type=positive(), default=1.0, help="softmax temperature of Eq. 4")
 p.add_argument("--ref_cache", default=None,
                help="JSON file of reference log-probs, computed if absent, refused if made from "
                     "another --init / data / setting / max_len; without it the reference "

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from sage.config import SageConfig
+from sage.config import LITERAL_FUSION, SageConfig
 from sage.data import Collator, ResumableDistributedSampler, SFEDataset
 from sage.distributed import (all_reduce_sum, build_model, build_optimizer, cleanup,
                               init_distributed, print0)
@@ -42,6 +42,9 @@ p.add_argument("--init", default="weights/sage-tiny-base",
                help="InternVL2-layout directory to start from (the tiny base VLM)")
 p.add_argument("--facts", choices=["fe", "hard", "none"], default="fe",
                help="fe: fusion attention; hard: facts as text; none: plain SFT")
+p.add_argument("--fusion", choices=["default", "literal"], default="default",
+               help="default: --init's fusion fields (the measured defaults); literal: Eq. 2 / "
+                    "Eq. 9 as written (sage.config.LITERAL_FUSION)")
 p.add_argument("--n_facts", type=int, default=None, help="N fact tokens (Eq. 2); None: --init's")
 p.add_argument("--top_k", type=int, default=None, help="K selected patches (Eq. 1); None: --init's")
 # data
@@ -61,7 +64,8 @@ RECIPES = {"paper": dict(lr=2e-6, warmup=1000, max_steps=5000),
 # The config is built once: the flags replace fields of --init's config, and
 # SageConfig.__post_init__ checks them (e.g. --top_k beyond the image tokens) before any work.
 overrides = {"n_facts": args.n_facts, "top_k": args.top_k,
-             "system_message": args.system_message}
+             "system_message": args.system_message,
+             **(LITERAL_FUSION if args.fusion == "literal" else {})}
 try:
     cfg = dataclasses.replace(SageConfig.from_pretrained(args.init), facts_mode=args.facts,
                               **{k: v for k, v in overrides.items() if v is not None})

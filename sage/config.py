@@ -256,6 +256,13 @@ class SageConfig:
         (Path(path) / "config.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
 
+# Eq. 2 and Eq. 9 as the paper writes them: q and k not normalised, weights N(0, 0.02^2), the
+# head's Linear at zero, values v_t[idx]. The defaults above depart from it where measurement
+# said so (docs/experiments.md, "The fusion pathway"); `train_sfe.py --fusion literal` and
+# `dataclasses.replace(cfg, **LITERAL_FUSION)` give this form back.
+LITERAL_FUSION = dict(fusion_norm="none", fusion_init="small", fact_head_init=0.0,
+                      fusion_values="test")
+
 _SAGE_FIELDS = [f for f in dataclasses.fields(SageConfig) if f.name in SAGE_FIELD_NAMES]
 
 

@@ -58,7 +58,10 @@ def seed_everything(seed: int) -> None:
 def check_finite(loss: torch.Tensor, step: int, ids: list[str]) -> None:
     """Stop on NaN/inf naming the step and the samples; the last checkpoint stays untouched."""
     if not torch.isfinite(loss).all():
-        raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}; samples: {ids}")
+        raise FloatingPointError(
+            f"non-finite loss {loss.item()} at step {step} (samples: {', '.join(map(str, ids))}); the "
+            f"checkpoints already written are kept: lower --lr or --grad_clip, then --resume "
+            f"--resume_force")
 
 
 def flops_per_token(cfg: SageConfig, seq_len: int, trainable_vision: bool = False) -> float:

@@ -100,3 +100,19 @@ def test_llm_defaults_and_unsupported_values():
         llm_config_from_dict({**d, "attention_bias": True})
     with pytest.raises(ValueError, match="RoPE scaling is not implemented"):
         llm_config_from_dict({**d, "rope_scaling": {"type": "linear", "factor": 2.0}})
+
+
+def test_literal_fusion_is_eq2_eq9_as_written():
+    """`train_sfe.py --fusion literal` (sage.config.LITERAL_FUSION): q/k not normalised, small
+    weights, the head at zero, values v_t[idx]; every key is a SageConfig field."""
+    import torch
+
+    from sage.config import LITERAL_FUSION
+    from sage.models.sage import SageModel
+    cfg = dataclasses.replace(SageConfig.preset("tiny"), **LITERAL_FUSION)
+    torch.manual_seed(0)
+    model = SageModel(cfg)
+    model.init_weights()
+    assert model.fusion.norm == "none" and cfg.fusion_values == "test"
+    assert model.fusion.q_proj.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    assert model.fact_proj.fc.weight.abs().max().item() == 0

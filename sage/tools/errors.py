@@ -22,7 +22,8 @@ from typing import Callable
 
 EXIT_CODE = 2  # as argparse: the command was given something it cannot use
 EXPECTED = (ValueError, KeyError, FileNotFoundError, FileExistsError, IsADirectoryError,
-            NotADirectoryError, PermissionError)
+            NotADirectoryError, PermissionError,
+            FloatingPointError)  # a diverged run (sage.training.check_finite): fix --lr, resume
 
 
 def is_expected(e: BaseException) -> bool:
