@@ -15,7 +15,12 @@ The command prints
   attention's entropy over log K (1 = uniform: neither facts nor comparison choose what is
   read), the fact tokens' cosine across images (near 1: nothing image-specific reaches the
   LLM) and across the N slots of one image, the share of the tokens that varies across
-  images, and the one-shot vs zero-shot distance (0: the reference changes nothing).
+  images, and the one-shot vs zero-shot distance (0: the reference changes nothing);
+- what the comparison can tell (records with `truth.anomalous`, `comparison_report`): the
+  AUROC of Eq. 1's own anomaly score (the mean of the K lowest nearest-neighbour cosines,
+  no training involved) and of a cross-validated linear probe on the fact tokens, one-shot
+  and zero-shot. The first bounds what the selected patches carry; the probe says whether the
+  fact tokens pass it on to the LLM; the model's accuracy says whether the LLM uses it.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import torch.nn.functional as F
 
 from sage.data import Collator, SFEDataset
 from sage.losses import IGNORE_INDEX, answer_logprobs
+from sage.models.sage import split_by_tiles
 
 
 @torch.no_grad()
@@ -216,3 +222,57 @@ def perception_auroc(model, records: list[dict], root: str, setting: str,
     normal = [x for x, r in zip(scores, pairs) if not r["truth"]["anomalous"]]
     anomalous = [x for x, r in zip(scores, pairs) if r["truth"]["anomalous"]]
     return auroc(normal, anomalous)
+
+
+def probe_auroc(features: torch.Tensor, labels: list[bool], folds: int = 5,
+                ridge: float = 1.0) -> float:
+    """Cross-validated linear probe: features (B, D), labels (B,) -> AUROC of the held-out
+    scores. Each fold is scored by a ridge regression (targets +-1, features standardised
+    with the training folds' mean and std) fitted on the other folds; folds interleave the
+    samples (b % folds), so the figure is deterministic."""
+    x = features.double()
+    y = torch.tensor([1.0 if a else -1.0 for a in labels], dtype=torch.float64)
+    if len(set(labels)) < 2 or len(labels) < 2 * folds:
+        raise ValueError(f"sage.diagnose: the probe needs both classes and >= {2 * folds} "
+                         f"samples ({len(labels)} given)")
+    scores = torch.empty(len(labels), dtype=torch.float64)
+    fold = torch.arange(len(labels)) % folds
+    for f in range(folds):
+        tr, te = fold != f, fold == f
+        mu, sd = x[tr].mean(0), x[tr].std(0).clamp_min(1e-8)
+        a = (x[tr] - mu) / sd
+        w = torch.linalg.solve(a.T @ a + ridge * torch.eye(x.shape[1], dtype=x.dtype),
+                               a.T @ (y[tr] - y[tr].mean()))
+        scores[te] = ((x[te] - mu) / sd) @ w
+    return auroc([float(v) for v, a in zip(scores, labels) if a],
+                 [float(v) for v, a in zip(scores, labels) if not a])
+
+
+@torch.no_grad()
+def comparison_report(model, records: list[dict], root: str, folds: int = 5) -> dict:
+    """What the comparison with the reference can tell, one record per image (`truth`
+    needed): the AUROC of Eq. 1's anomaly score -mean_k s_k over the K selected patches (low
+    nearest-neighbour cosine = unlike every reference patch), and the AUROC of a
+    cross-validated linear probe (`probe_auroc`) on the N fact tokens (facts_mode "fe" and at
+    least 2 x folds images), one-shot and zero-shot."""
+    labels = []
+    for r in records:
+        if "anomalous" not in (r.get("truth") or {}):
+            raise KeyError(f"sage.diagnose: record {r.get('id')!r} has no truth.anomalous")
+        labels.append(bool(r["truth"]["anomalous"]))
+    collate = Collator(model.tokenizer, model.cfg)
+    ds = SFEDataset(records, root, model.cfg, setting="one-shot")
+    batch = collate([ds[i] for i in range(len(records))])
+    v_t, t_mask = split_by_tiles(model.encode_images(batch["pixel_test"]), batch["tiles_test"])
+    v_r, r_mask = split_by_tiles(model.encode_images(batch["pixel_ref"]), batch["tiles_ref"])
+    _, sims, _ = model.select(v_t, v_r, t_mask, r_mask)  # (B, K): the K lowest s_i (Eq. 1)
+    score = (-sims.mean(-1)).tolist()
+    out = {"eq1_auroc": auroc([s for s, a in zip(score, labels) if a],
+                              [s for s, a in zip(score, labels) if not a])}
+    if model.cfg.facts_mode == "fe" and len(records) >= 2 * folds:
+        for setting in ("one-shot", "zero-shot"):
+            ds = SFEDataset(records, root, model.cfg, setting=setting)
+            b = collate([ds[i] for i in range(len(records))])
+            x = model.fact_tokens(model.encode_images(b["pixel_test"]), b)  # (B, N, C)
+            out[f"probe_{setting}"] = probe_auroc(x.flatten(1), labels, folds)
+    return out

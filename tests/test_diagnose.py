@@ -168,3 +168,36 @@ def test_fusion_report_on_the_tiny_base(fe_base, tmp_path, capsys):
           "--limit", "45", "--images", "2"])
     out = capsys.readouterr().out
     assert "fusion pathway on 2 images" in out and "one-shot vs zero-shot fact tokens" in out
+
+
+def test_probe_auroc_separates_what_is_separable_and_needs_both_classes(gen):
+    from sage.diagnose import probe_auroc
+    labels = [i % 3 == 0 for i in range(30)]
+    x = torch.randn(30, 6, generator=gen)
+    x[:, 2] += 10 * torch.tensor([float(a) for a in labels])  # one informative feature
+    assert probe_auroc(x, labels) == 1.0
+    flipped = probe_auroc(-x, [not a for a in labels])  # the sign is learnt, not assumed
+    assert flipped == 1.0
+    with pytest.raises(ValueError, match="both classes"):
+        probe_auroc(x, [True] * 30)
+    with pytest.raises(ValueError, match=">= 10 samples"):
+        probe_auroc(x[:6], labels[:6])
+
+
+def test_comparison_report_scores_a_copy_of_the_reference_as_normal(fe_base, tmp_path, capsys):
+    """A normal test image compared with itself has every s_i = 1, the lowest possible Eq. 1
+    anomaly score, so with such pairs the score ranks every anomalous pair above them."""
+    import sage
+    from sage.data import load_jsonl
+    from sage.diagnose import comparison_report
+    generate(tmp_path, seed=0, scale=0.03)
+    torch.manual_seed(0)
+    model = sage.load_pretrained(fe_base, dtype=torch.float32)
+    recs = first_of_each_group(load_jsonl(tmp_path / "sfe_train.jsonl", kind="qa"))
+    recs = [dict(r, reference_image=r["test_image"]) if not r["truth"]["anomalous"] else r
+            for r in recs]
+    assert {r["truth"]["anomalous"] for r in recs} == {True, False}
+    rep = comparison_report(model, recs, str(tmp_path), folds=3)
+    assert rep["eq1_auroc"] == 1.0
+    assert 0 <= rep["probe_one-shot"] <= 1 and 0 <= rep["probe_zero-shot"] <= 1
+    assert "probe_one-shot" not in comparison_report(model, recs[:5], str(tmp_path), folds=3)

@@ -1,7 +1,8 @@
 """Diagnostics of a model on SFE records by teacher forcing (sage.diagnose): the decision
 token's loss, perception AUROC on SynthAD, and the fusion pathway (facts_mode "fe"): attention
 entropy / log K, fact-token cosine across images and slots, the share that varies across
-images, one-shot vs zero-shot distance.
+images, one-shot vs zero-shot distance; what the comparison can tell (Eq. 1's anomaly score
+and a linear probe on the fact tokens, as AUROC).
 
     python -m sage.tools.diagnose --model runs/quickstart/sfe/export --data data/synthad \\
         --split sfe_train --limit 64 [--swap_images]
@@ -15,8 +16,8 @@ import torch
 
 import sage
 from sage.data import load_jsonl
-from sage.diagnose import (decision_report, first_of_each_group, fusion_report, perception_auroc,
-                           swap_images)
+from sage.diagnose import (comparison_report, decision_report, first_of_each_group, fusion_report,
+                           perception_auroc, swap_images)
 from sage.tools.args import Parser, at_least
 from sage.tools.errors import run_main
 
@@ -50,9 +51,18 @@ def main(argv: list[str] | None = None) -> None:
         a = perception_auroc(model, records, args.data, setting)
         print(f"perception: the normal explanation's log-prob tells normal from anomalous "
               f"pairs with AUROC {a:.3f} (0.5 = blind)")
+    firsts = first_of_each_group(records)[:args.images]
     if model.cfg.facts_mode == "fe" and setting == "one-shot":
-        firsts = first_of_each_group(records)[:args.images]
         print_fusion_report(fusion_report(model, firsts, args.data), len(firsts))
+    truths = {(r.get("truth") or {}).get("anomalous") for r in firsts}
+    if setting == "one-shot" and truths == {True, False}:  # both classes among the images
+        c = comparison_report(model, firsts, args.data)
+        line = (f"comparison on {len(firsts)} images: Eq. 1's anomaly score (mean of the K "
+                f"lowest nearest-neighbour cosines) AUROC {c['eq1_auroc']:.3f}")
+        if "probe_one-shot" in c:
+            line += (f"; linear probe on the fact tokens (5-fold ridge) AUROC one-shot "
+                     f"{c['probe_one-shot']:.3f}, zero-shot {c['probe_zero-shot']:.3f}")
+        print(line + " (0.5 = no signal)")
 
 
 def print_fusion_report(rep: dict, n_images: int) -> None:
