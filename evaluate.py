@@ -4,7 +4,9 @@ Generates an answer per question with the KV cache, extracts the Yes/No decision
 accuracy per level and their average, Acc-G over the groups of interrelated questions (their
 sizes in metrics.json), MLE sub-scores from a judge (oracle on SynthAD, OpenAI on real data)
 and, when the optional extra is installed, SBERT similarity. Writes report.md (Table 1 and
-Table 2 layouts, a row per model), metrics.json (every number) and predictions.jsonl.
+Table 2 layouts, a row per model), metrics.json (every number) and predictions.jsonl. When
+every record has `normal_label`, Table 1 and metrics.json ("references") also hold the
+"Always normal" row: the answerer that calls every part normal, computed from the labels.
 
 Under torchrun the world is data-parallel x tensor-parallel: `--tp N` shards each model over
 N consecutive ranks (sage.tensor_parallel; a 40B model on 8 GPUs: --tp 8, or --tp 4 for two
@@ -33,7 +35,7 @@ from sage.data.oracle import extract_decision
 from sage.distributed import (all_reduce_sum, barrier, cleanup, gather_objects,
                               init_distributed, print0)
 from sage.inference import generate_answers, nonfinite_parameters
-from sage.metrics import first_groups, format_report, summarize
+from sage.metrics import ALWAYS_NORMAL, always_normal, first_groups, format_report, summarize
 from sage.mle import MLEResult, OpenAIJudge, OracleJudge, score_many
 from sage.models.sage import SageModel
 from sage.runs import keep_aside
@@ -222,15 +224,20 @@ if dist.is_main:
     results = {name: {s: summarize([p_ for p_ in predictions
                                     if p_["model"] == name and p_["setting"] == s])
                       for s in settings} for name in names}
+    # the answerer that calls every part normal, from the records' normal_label (if all have one)
+    floor = always_normal(records)
+    references = {ALWAYS_NORMAL: floor} if floor is not None else {}
 
 # ----------------------------------------------------------------------------- report (rank 0)
 if dist.is_main:
     report = (f"# Evaluation on {args.split} ({len(records)} questions)\n\n"
-              + format_report(results, settings))
+              + format_report(results, settings, references))
     for fname, text in [
         ("report.md", report),
         ("metrics.json", json.dumps({"split": args.split, "models": dict(zip(names, args.model)),
-                                     "results": results}, indent=2)),
+                                     "results": results,
+                                     **({"references": references} if references else {})},
+                                    indent=2)),
         ("predictions.jsonl", "".join(json.dumps(p_) + "\n" for p_ in predictions)),
     ]:
         tmp = out_dir / (fname + ".tmp")

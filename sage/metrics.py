@@ -10,6 +10,9 @@ A prediction is a dict with at least: id, group, level, label ("yes"/"no"), deci
                   of its answers are right; overall and per level, with the group sizes
     MLE (Table 2) mean type / location / logic sub-scores and their mean (Eq. 3), with the
                   number of answers the judge failed to score
+    Always normal the same accuracy and Acc-G of a reference answerer that calls every part
+                  normal (each record's `normal_label`, docs/design.md §6), computed from the
+                  labels: the floor a model's accuracy must clear (`always_normal`)
 
     m = summarize(preds); print(m["accuracy"]["average"], m["acc_g"]["overall"])
 """
@@ -102,6 +105,20 @@ def summarize(preds: list[dict], group_size: int | None = None) -> dict:
     }
 
 
+ALWAYS_NORMAL = "Always normal"
+
+
+def always_normal(records: list[dict]) -> dict | None:
+    """summarize() of the answerer that calls every part normal: its decision on each record is
+    the record's `normal_label`, the answer the question has for a normal part. None unless
+    every record has one. On a split where most parts are anomalous, or most questions are
+    answered alike for normal parts, this floor is far from 50%."""
+    if not records or any(r.get("normal_label") not in ("yes", "no") for r in records):
+        return None
+    return summarize([{"id": r["id"], "group": r["group"], "level": r["level"],
+                       "label": r["label"], "decision": r["normal_label"]} for r in records])
+
+
 def _fmt(x) -> str:
     return "–" if x is None else f"{x:.2f}"
 
@@ -112,22 +129,28 @@ def _fmt_mle(m: dict, key: str) -> str:
     return f"{cell} ({m['n_failed']} unscored)" if m.get("n_failed") else cell
 
 
-def format_report(results: dict, settings: list[str]) -> str:
+def format_report(results: dict, settings: list[str], references: dict | None = None) -> str:
     """Markdown: Table 1 layout (accuracy per level, average, Acc-G; zero-shot / one-shot
-    pairs) and Table 2 (MLE sub-scores). results[model][setting] = summarize(...)."""
+    pairs) and Table 2 (MLE sub-scores). results[model][setting] = summarize(...);
+    references[name] = summarize(...) of an answerer that needs no model (`always_normal`):
+    a Table 1 row, the same in every setting, and no Table 2 row."""
     head = "| Model | " + " | ".join(
         f"{name} ({s})" for name in ("Standard", "Identification", "Diagnosis", "Average",
                                      "Acc-G", "No decision") for s in settings) + " |"
     lines = ["## Accuracy (%) — Table 1 layout", "", head,
              "|" + "---|" * (1 + 6 * len(settings))]
     sizes = {}
-    for model, per in results.items():
+    rows = {**results, **{f"{name} (reference)": {s: summary for s in settings}
+                          for name, summary in (references or {}).items()}}
+    for model, per in rows.items():
         cells = []
         for key in ("standard", "identification", "diagnosis", "average"):
             cells += [_fmt(per[s]["accuracy"].get(key)) for s in settings]
         cells += [_fmt(per[s]["acc_g"]["overall"]) for s in settings]
         cells += [str(per[s]["no_decision"]) for s in settings]
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
+        if model not in results:
+            continue  # a reference row: the same groups as the models'
         for s in settings:
             hist = per[s]["acc_g"].get("group_sizes") or {}
             text = ", ".join(f"{n} × {k} questions" for k, n in hist.items())
@@ -137,6 +160,11 @@ def format_report(results: dict, settings: list[str]) -> str:
     elif len(sizes) > 1:
         lines += ["", "Acc-G groups: " + "; ".join(
             f"{', '.join(who)}: {text or 'none'}" for text, who in sizes.items()) + "."]
+    if references:
+        lines += ["", "(reference): computed from the labels, no model."]
+    if ALWAYS_NORMAL in (references or {}):
+        lines[-1] += (f" {ALWAYS_NORMAL} calls every part normal (each question answered as "
+                      "it is for a normal part); accuracy means something only above it.")
     lines += ["", "## MLE (1–5) — Table 2 layout", "",
               "| Model | Setting | Type | Location | Logic | Score | SBERT |",
               "|---|---|---|---|---|---|---|"]

@@ -1,13 +1,15 @@
 """Metrics (sage/metrics.py) on hand-made predictions: accuracy per level, Acc-G by group id
 (groups of any size), no-decision counting, MLE means and failures, the report layout. The
-Yes/No decision rule is tested in tests/data/test_oracle.py."""
+Yes/No decision rule is tested in tests/data/test_oracle.py. The "Always normal" reference row
+from the records' normal_label."""
 
 import json
 import math
 
 import pytest
 
-from sage.metrics import accuracy_by_level, group_accuracy, mle_means, summarize, format_report
+from sage.metrics import (ALWAYS_NORMAL, accuracy_by_level, always_normal, format_report,
+                          group_accuracy, mle_means, summarize)
 
 
 def pred(group, level, label, decision, mle=None, **kw):
@@ -114,3 +116,43 @@ def test_first_groups_keeps_whole_groups():
     assert [r["id"] for r in first_groups(recs, 2)] == [0, 1, 2, 7]  # group a, all of it
     assert [r["id"] for r in first_groups(recs, 4)] == [0, 1, 2, 3, 4, 7]
     assert first_groups(recs, 0) == recs and first_groups(recs, 99) == recs
+
+
+def record(group, level, label, normal_label, i=0):
+    return {"id": f"{group}-{i}", "group": group, "level": level, "label": label,
+            "normal_label": normal_label}
+
+
+def test_always_normal_from_the_labels():
+    # a normal part (g1): every label is its normal label, all right; an anomalous part
+    # asked "any anomaly?" (label yes, normal no) and "free of defects?" (no / yes): both wrong;
+    # an anomalous part asked "is there a hole?" when the defect is a crack (no / no): right
+    recs = ([record("g1", "standard", "yes", "yes", 0), record("g1", "standard", "no", "no", 1)]
+            + [record("g2", "standard", "yes", "no", 0), record("g2", "standard", "no", "yes", 1)]
+            + [record("g3", "identification", "no", "no", 0),
+               record("g3", "identification", "yes", "no", 1)])
+    s = always_normal(recs)
+    assert s["accuracy"]["standard"] == 50.0 and s["accuracy"]["identification"] == 50.0
+    assert s["accuracy"]["average"] == 50.0 and s["accuracy"]["overall"] == 50.0
+    assert s["acc_g"]["overall"] == pytest.approx(100 / 3)  # g1 only
+    assert s["n"] == 6 and s["no_decision"] == 0 and s["mle"] is None
+    # it is summarize() of the answerer whose decision is the normal label
+    assert s == summarize([{**r, "decision": r["normal_label"]} for r in recs])
+    # one record without the field: no reference row at all
+    assert always_normal(recs + [record("g4", "diagnosis", "no", None)]) is None
+    assert always_normal([]) is None
+
+
+def test_report_reference_row_in_table_1_only():
+    preds = [pred("g", "standard", "yes", "yes", mle=[5, 5, 5], i=i) for i in range(5)]
+    s = summarize(preds)
+    floor = always_normal([record("g", "standard", "yes", "no", i) for i in range(5)])
+    settings = ["zero-shot", "one-shot"]
+    text = format_report({"SFE": {x: s for x in settings}}, settings, {ALWAYS_NORMAL: floor})
+    row = [x for x in text.splitlines() if x.startswith("| Always normal (reference) |")]
+    assert row == ["| Always normal (reference) | 0.00 | 0.00 | – | – | – | – | 0.00 | 0.00 "
+                   "| 0.00 | 0.00 | 0 | 0 |"]
+    assert "Always normal calls every part normal" in text
+    assert text.count("Always normal (reference)") == 1  # not in Table 2
+    assert "Acc-G groups: 1 × 5 questions." in text  # the models' groups only
+    assert "reference" not in format_report({"SFE": {x: s for x in settings}}, settings)

@@ -40,15 +40,31 @@ Assumptions about the external formats (checked where possible):
   not have 5 questions; ranked answers are templated (correct + reason, correct, wrong,
   wrong + reason).
 - MVTec AD layout: <category>/train/good/*, <category>/test/<defect>/* (test/good = normal),
-  optional <category>/ground_truth/<defect>/<stem>_mask.png (the mask's centre gives the
-  region). Each test image gets a deterministic train/good reference and one group of 5
-  templated questions; levels cycle 7:6:3 (about AD-PL's 44/37/19 %).
+  optional <category>/ground_truth/<defect>/<stem>_mask.* (or <stem>.*; any size and mode;
+  the centre of its pixels above half its largest value gives the 3 x 3 region; an empty or
+  missing mask: region unknown). Images of any size and mode (grayscale, RGB, RGBA, palette,
+  16-bit; sage.data.images.to_rgb). Each test image gets a deterministic train/good reference
+  and one group of 5 templated yes/no questions; levels cycle 7:6:3 (about AD-PL's
+  44/37/19 %). The 4 ranked answers follow SynthAD's graded scheme, evidence first and the
+  decision last ("... So the answer is Yes."; `mvtec_answers`), and every record carries
+  `normal_label`, the answer its question has for a normal part (evaluate.py's "Always
+  normal" row). A category without masks asks no region question.
+
+Held-out split (`holdout_split`; `python -m sage.tools.convert mvtec FOLDER OUT.jsonl --holdout
+0.5 --seed 0`): besides OUT.jsonl, OUT_train.jsonl and OUT_test.jsonl in the same folder. Whole
+groups (a test image's questions together) are split per stratum, category x defect type
+("good" is one type), seeded by (seed, stratum), so a seed gives the same split every time: a
+stratum of n >= 2 images holds out holdout * n of them (rounded half up), at least 1 and at
+most n - 1, so both parts get every such stratum; a stratum of one image goes to the training
+part. --holdout must lie strictly between 0 and 1. Every format can be split this way (stratum:
+category x truth.defect).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -267,43 +283,155 @@ def convert_mmad(c: Converter, data) -> None:
 
 # ----------------------------------------------------------------------------- MVTec AD
 
+# Wrong defect types the graded answers name (A3, and A4 of a normal part): words the oracle
+# judge knows (sage.data.oracle.DEFECT_WORDS), so a wrong type never outscores the right one.
+WRONG_TYPES = ("scratch", "crack", "hole", "stain")
+
+
+def article(word: str) -> str:
+    """'a' or 'an' before `word`."""
+    return "an" if word[:1].lower() in "aeiou" else "a"
+
+
+def a_defect(defect: str) -> str:
+    """'a crack defect', 'an oil defect': how answers and questions name a defect type."""
+    return f"{article(defect)} {defect} defect"
+
+
+def mask_files(gt_dir: Path) -> dict[str, Path]:
+    """The masks of one defect type's folder, by file stem ({} when there is no folder)."""
+    if not gt_dir.is_dir():
+        return {}
+    return {p.stem: p for p in sorted(gt_dir.iterdir()) if p.suffix.lower() in IMAGE_EXTS}
+
+
+def find_mask(masks: dict[str, Path], stem: str) -> Path | None:
+    """The defect mask of test image `stem`: <stem>_mask.* (MVTec AD), else <stem>.* (VisA and
+    others in the same layout), any image extension; None if there is none."""
+    return masks.get(f"{stem}_mask") or masks.get(stem)
+
+
 def mask_region(mask_path: Path) -> str | None:
-    """Which of the 3 x 3 regions holds the centre of the defect mask (None if empty)."""
-    m = np.asarray(Image.open(mask_path).convert("L")) > 0
-    if not m.any():
+    """Which of the 3 x 3 regions holds the centre of the defect mask (None if empty).
+
+    Any size (the region is a fraction of the mask's own width and height, so a mask of
+    another size than its image gives the same region) and any mode: a pixel belongs to the
+    defect when it exceeds half the mask's largest value (0/255, 0/1 and 16-bit masks alike;
+    colour masks by luminance). An undecodable mask raises ConvertError naming the file."""
+    try:
+        with Image.open(mask_path) as im:
+            high = im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+            m = np.asarray(im if high else im.convert("L"), dtype=np.float64)
+    except Exception as e:  # PIL raises many types for a corrupt file
+        raise ConvertError(f"{mask_path}: cannot decode the defect mask "
+                           f"({type(e).__name__}: {e})") from None
+    top = m.max(initial=0)
+    if top <= 0:
         return None
-    ys, xs = np.nonzero(m)
+    ys, xs = np.nonzero(m > top / 2)
     row = min(2, int(3 * ys.mean() / m.shape[0]))
     col = min(2, int(3 * xs.mean() / m.shape[1]))
     return REGIONS[3 * row + col]
+
+
+def neighbours(region: str) -> list[str]:
+    """The regions next to `region` on the 3 x 3 grid (the oracle's "neighbouring region")."""
+    r, c = divmod(REGIONS.index(region), 3)
+    return [REGIONS[3 * rr + cc] for rr in range(3) for cc in range(3)
+            if max(abs(rr - r), abs(cc - c)) == 1]
+
+
+def wrong_types(defect: str | None) -> list[str]:
+    """WRONG_TYPES that neither name nor are named in `defect` ('scratch head': no scratch)."""
+    if not defect:
+        return list(WRONG_TYPES)
+    return [w for w in WRONG_TYPES if w not in defect and defect not in w] or ["stain"]
 
 
 _LEVEL_CYCLE = ("standard",) * 7 + ("identification",) * 6 + ("diagnosis",) * 3
 
 
 def mvtec_questions(cat: str, level: str, defect: str | None, region: str | None,
-                    other: str) -> list[tuple[str, bool]]:
-    """Five templated (question, answer) pairs for one test/reference pair."""
+                    others: tuple[str, str], where: str | None) -> list[tuple[str, bool, bool]]:
+    """Five templated (question, label, normal_label) for one test/reference pair: label is the
+    answer for this part, normal_label the answer the same question has for a normal part (the
+    always-normal answerer's, docs/design.md §6).
+
+    defect: the part's defect type (None: normal); region: where it is (None: unknown);
+    others: two distinct defect types the part does not have; where: the region a normal part's
+    region question asks about (None: the category has no masks, ask about no region)."""
     bad = defect is not None
+    o1, o2 = others
+    # (question, answer for a defective part, answer for a normal part)
     if level == "standard":
-        return [(f"Compared with the reference image, is there any anomaly in the {cat}?", bad),
-                (f"Does the {cat} look the same as the normal reference?", not bad),
-                (f"Is the {cat} free of defects?", not bad),
-                (f"Would this {cat} pass a visual quality inspection?", not bad),
-                (f"Is there any visible damage on the {cat}?", bad)]
-    asked = defect or other
-    where = region or "center"
-    if level == "identification":
-        return [(f"Is there a {asked} on the {cat}?", bad),
-                (f"Is there a {other} on the {cat}?", bad and other == defect),
-                (f"Is there a defect in the {where} part of the {cat}?", bad and region == where),
-                (f"Is the {cat} anomalous compared with the reference?", bad),
-                (f"Is the {cat} identical to the reference image?", not bad)]
-    return [(f"Should this {cat} be rejected by quality control?", bad),
-            (f"Could the condition of this {cat} affect its function or appearance?", bad),
-            (f"Is a {asked} the reason this {cat} differs from the reference?", bad),
-            (f"Can this {cat} be shipped without rework?", not bad),
-            (f"Does the {cat} need further inspection for a {asked}?", bad)]
+        qs = [(f"Compared with the reference image, is there any anomaly in the {cat}?",
+               True, False),
+              (f"Does the {cat} look the same as the normal reference?", False, True),
+              (f"Is the {cat} free of defects?", False, True),
+              (f"Would this {cat} pass a visual quality inspection?", False, True),
+              (f"Is there any visible damage on the {cat}?", True, False)]
+    elif level == "identification":
+        asked = region if bad else where
+        qs = [(f"Is there {a_defect(defect or o1)} on the {cat}?", True, False),
+              (f"Is there {a_defect(o1 if bad else o2)} on the {cat}?", False, False),
+              (f"Is there a defect in the {asked} part of the {cat}?", True, False) if asked
+              else (f"Is there a defect anywhere on the {cat}?", True, False),
+              (f"Is the {cat} anomalous compared with the reference?", True, False),
+              (f"Is the {cat} identical to the reference image?", False, True)]
+    else:
+        asked = defect or o1
+        qs = [(f"Should this {cat} be rejected by quality control?", True, False),
+              (f"Could the condition of this {cat} affect its function or appearance?",
+               True, False),
+              (f"Is {a_defect(asked)} the reason this {cat} differs from the reference?",
+               True, False),
+              (f"Can this {cat} be shipped without rework?", False, True),
+              (f"Does the {cat} need further inspection for {a_defect(asked)}?", True, False)]
+    return [(q, when_bad if bad else when_normal, when_normal) for q, when_bad, when_normal in qs]
+
+
+def decide(label: bool) -> str:
+    """The closing sentence that states the decision (as SynthAD's `decide`)."""
+    return f"So the answer is {'Yes' if label else 'No'}."
+
+
+def mvtec_answers(label: bool, cat: str, defect: str | None, region: str | None,
+                  k: int) -> list[str]:
+    """Four ranked answers in SynthAD's graded scheme (sage.data.synthad.graded_answers), the
+    evidence first and the decision last (docs/experiments.md, "Why the evidence comes first").
+
+    Defective part: A1 right type at the right region; A2 the right type at a neighbouring
+    region (region unknown: a defect of no named type); A3 a wrong type at the right region;
+    A4 calls the part normal, the wrong decision. Normal part: A1 normal; A2 a harmless spot
+    named at a region; A3 a minor mark called a named defect; A4 a defect, the wrong decision.
+    The oracle judge scores them 5 > 4.33 > 3.67 > 1.33 (defective, type in its vocabulary,
+    region known) and 5 > 4 > 3.33 > 1.33 (normal). k (the image's index) picks the wrong
+    type and the regions, deterministically."""
+    fake = wrong_types(defect)[k % len(wrong_types(defect))]
+    if defect is not None:
+        at = f"at the {region} of the {cat}" if region else f"on the {cat}"
+        fails = "so the part fails the inspection"
+        a1 = (f"The inspection shows that there is {a_defect(defect)} {at}; the reference has "
+              f"no such mark, {fails}.")
+        if region:
+            near = neighbours(region)[k % len(neighbours(region))]
+            a2 = (f"The inspection shows that there is {a_defect(defect)} at the {near} of the "
+                  f"{cat}; {fails}.")
+        else:
+            a2 = f"The inspection shows that the {cat} has a defect, {fails}."
+        a3 = (f"The inspection shows that there is {a_defect(fake)} {at}; this means the part "
+              f"fails the check.")
+        a4 = f"The {cat} looks normal and matches the reference."
+    else:
+        spot, other_spot = REGIONS[k % 9], REGIONS[(k + 4) % 9]
+        a1 = (f"The inspection shows that the {cat} matches the normal reference and is free "
+              f"of defects; so the part is fit for use and can pass inspection.")
+        a2 = (f"The {cat} matches the reference apart from a faint spot at the {spot}, within "
+              f"tolerance; so the part is fit for use.")
+        a3 = f"There is a faint {fake} on the {cat}, but it is minor, so the part can pass."
+        a4 = f"There is {a_defect(fake)} at the {other_spot} of the {cat}."
+    return [f"{a1} {decide(label)}", f"{a2} {decide(label)}", f"{a3} {decide(label)}",
+            f"{a4} {decide(not label)}"]
 
 
 def convert_mvtec(c: Converter, folder: Path) -> None:
@@ -324,31 +452,88 @@ def convert_mvtec(c: Converter, folder: Path) -> None:
             c.fail(cat_dir.name, "train/good", "no normal training images for references")
         defects = sorted(d.name for d in (cat_dir / "test").iterdir()
                          if d.is_dir() and d.name != "good")
+        # a category without any mask asks no region question (its answer would be unknown)
+        has_masks = any(images(cat_dir / "ground_truth" / d) for d in defects)
         for d_name in ["good"] + defects:
+            masks = mask_files(cat_dir / "ground_truth" / d_name) if d_name != "good" else {}
             for img in images(cat_dir / "test" / d_name):
                 defect = None if d_name == "good" else d_name.replace("_", " ")
-                mask = cat_dir / "ground_truth" / d_name / f"{img.stem}_mask.png"
-                region = mask_region(mask) if defect and mask.is_file() else None
-                others = [x.replace("_", " ") for x in defects if x != d_name] or ["scratch"]
-                other = others[k % len(others)]
+                mask = find_mask(masks, img.stem)
+                region = mask_region(mask) if mask is not None else None
+                # two defect types the part does not have: the category's others, else generic
+                pool = [x.replace("_", " ") for x in defects if x != d_name]
+                pool += [w for w in wrong_types(defect) if w not in pool]
+                others = (pool[k % len(pool)], pool[(k + 1) % len(pool)])
                 level = _LEVEL_CYCLE[k % len(_LEVEL_CYCLE)]
                 ref = goods[k % len(goods)]
                 group = f"{c.source}-{cat_dir.name}-{d_name}-{img.stem}"
-                right = (f"The {cat} shows a {defect}" + (f" in the {region} area" if region
-                                                          else "") + " that the reference lacks."
-                         if defect else f"The {cat} matches the normal reference; no defect "
-                                        "is visible.")
-                wrong = (f"The {cat} matches the normal reference." if defect
-                         else f"The {cat} shows a {other}.")
                 truth = {"anomalous": bool(defect), "defect": defect, "region": region}
-                for j, (q, ans) in enumerate(mvtec_questions(cat, level, defect, region, other)):
+                where = REGIONS[k % 9] if has_masks else None
+                for j, (q, ans, normal) in enumerate(
+                        mvtec_questions(cat, level, defect, region, others, where)):
                     c.add({"id": f"{group}-q{j}", "group": group, "level": level,
                            "test_image": c.image(str(img), group, "test_image"),
                            "reference_image": c.image(str(ref), group, "reference_image"),
                            "category": cat_dir.name, "source": c.source, "question": q,
-                           "answers": templated_answers(ans, right, wrong),
-                           "label": "yes" if ans else "no", "truth": truth}, group)
+                           "answers": mvtec_answers(ans, cat, defect, region, k),
+                           "label": "yes" if ans else "no",
+                           "normal_label": "yes" if normal else "no", "truth": truth}, group)
                 k += 1
+
+
+# ----------------------------------------------------------------------------- held-out split
+
+def check_holdout(holdout) -> float:
+    """The held-out share: a number strictly between 0 and 1, else ValueError."""
+    if isinstance(holdout, bool) or not isinstance(holdout, (int, float)) \
+            or not 0 < holdout < 1:
+        raise ValueError(f"--holdout {holdout!r}: expected a fraction strictly between 0 and 1 "
+                         "(the share of each category x defect type's test images held out "
+                         "for evaluation), e.g. 0.5")
+    return float(holdout)
+
+
+def stratum(rec: dict) -> tuple[str, str]:
+    """A record's stratum: (category, defect type; "good" for a normal part or no truth)."""
+    return rec.get("category") or "", (rec.get("truth") or {}).get("defect") or "good"
+
+
+def holdout_split(records: list[dict], holdout: float, seed: int = 0
+                  ) -> tuple[list[dict], list[dict]]:
+    """Split whole groups (a group's questions stay together) into (train, test) records, file
+    order kept, stratified by `stratum` (category x defect type): a stratum of n >= 2 groups
+    holds out holdout * n of them (half up), at least 1 and at most n - 1, so both parts get
+    every such stratum; a stratum of one group goes to train. Which groups is drawn from a
+    generator seeded by (seed, the stratum's name), so a stratum's split depends on nothing
+    else (adding a category moves no other image)."""
+    holdout = check_holdout(holdout)
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"--seed {seed!r}: expected a non-negative integer")
+    strata: dict[tuple, list[str]] = {}
+    for r in records:
+        gid = r.get("group") or r["id"]
+        members = strata.setdefault(stratum(r), [])
+        if gid not in members:
+            members.append(gid)
+    seen, test_groups = set(), set()
+    for key in sorted(strata):
+        groups = sorted(g for g in strata[key] if g not in seen)  # a group in one stratum only
+        seen.update(groups)
+        n = len(groups)
+        if n < 2:
+            continue
+        n_test = min(n - 1, max(1, int(holdout * n + 0.5)))
+        rng = np.random.default_rng([seed, zlib.crc32("/".join(key).encode())])
+        test_groups.update(groups[i] for i in rng.permutation(n)[:n_test])
+    train = [r for r in records if (r.get("group") or r["id"]) not in test_groups]
+    test = [r for r in records if (r.get("group") or r["id"]) in test_groups]
+    return train, test
+
+
+def holdout_paths(out: str | Path) -> tuple[Path, Path]:
+    """OUT.jsonl -> (OUT_train.jsonl, OUT_test.jsonl), beside it (the same data root)."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}_train.jsonl"), out.with_name(f"{out.stem}_test.jsonl")
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -383,12 +568,15 @@ IMPORTERS = {"llava": convert_llava, "manta": convert_manta, "mmad": convert_mma
 
 
 def convert(fmt: str, src: str | Path, out: str | Path, root: str | Path | None = None,
-            source: str | None = None, skip_bad: bool = False,
-            check_images: bool = False) -> tuple[int, int, list[str]]:
+            source: str | None = None, skip_bad: bool = False, check_images: bool = False,
+            holdout: float | None = None, seed: int = 0) -> tuple[int, int, list[str]]:
     """Convert `src` in format `fmt` into JSONL `out` -> (records written, items skipped,
-    skip messages). Written atomically; nothing is written if conversion raises."""
+    skip messages). Written atomically; nothing is written if conversion raises. With
+    `holdout` the records are also split (`holdout_split`, `seed`) into `holdout_paths(out)`."""
     if fmt not in IMPORTERS:
         raise ValueError(f"unknown format {fmt!r}; expected one of {sorted(IMPORTERS)}")
+    if holdout is not None:
+        check_holdout(holdout)
     src, out = Path(src), Path(out)
     if not src.exists():
         raise FileNotFoundError(f"{src}: input not found")
@@ -405,5 +593,10 @@ def convert(fmt: str, src: str | Path, out: str | Path, root: str | Path | None 
             for fld in ("test_image", "reference_image"):
                 if r.get(fld):
                     check_image_file(out_root / r[fld], r[fld], f"{out} (id {r['id']})", fld)
+    if holdout is not None:
+        parts = holdout_split(c.records, holdout, seed)  # before any file is written
     write_jsonl(c.records, out)
+    if holdout is not None:
+        for part, path in zip(parts, holdout_paths(out)):
+            write_jsonl(part, path)
     return len(c.records), c.n_skipped, c.errors

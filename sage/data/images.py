@@ -1,5 +1,5 @@
 """InternVL image preprocessing (docs/design.md §5): RGB, bicubic resize, ImageNet mean/std,
-tiling.
+tiling. Any size and PIL mode is read (grayscale, RGBA, palette, 16-bit: `to_rgb`).
 
 Without tiling an image becomes one S x S tile. With `dynamic=True` it follows InternVL's
 `dynamic_preprocess`: among the tile grids (cols, rows) with min_tiles <= cols*rows <= max_tiles
@@ -68,16 +68,39 @@ def to_tensor(tile: Image.Image, image_size: int) -> torch.Tensor:
     return (x.permute(2, 0, 1) - mean) / std  # (3, S, S)
 
 
+# Modes whose values are not 8-bit: 16-bit grayscale (PNG, TIFF), 32-bit integer and float.
+HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB (InternVL's `convert("RGB")`, alpha dropped), except that values
+    beyond 8 bits are scaled, not clipped: 16-bit grayscale (I;16*) is divided by 257 (65535 ->
+    255); 32-bit integer (I) likewise when any value exceeds 255 (older Pillow reads 16-bit
+    PNGs as I), else kept; float (F) is taken as 0..1 when no value exceeds 1, else as
+    0..255. Plain convert("RGB") would clip, turning a 16-bit photograph almost white."""
+    if image.mode in HIGH_DEPTH_MODES:
+        x = np.asarray(image, dtype=np.float64)
+        if image.mode.startswith("I;16") or (image.mode == "I" and x.max(initial=0) > 255):
+            x = x / 257.0
+        elif image.mode == "F" and x.max(initial=0) <= 1.0:
+            x = x * 255.0
+        image = Image.fromarray(np.clip(np.rint(x), 0, 255).astype(np.uint8), "L")
+    elif image.mode in ("P", "PA") and "transparency" in image.info:
+        image = image.convert("RGBA")  # what PIL asks for (else it warns); same RGB values
+    return image.convert("RGB")
+
+
 def open_rgb(image: str | Path | Image.Image) -> Image.Image:
-    """A path or PIL image -> RGB PIL image; errors name the path."""
+    """A path or PIL image -> RGB PIL image (`to_rgb`: any mode, any size); errors name the
+    path."""
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return to_rgb(image)
     path = Path(image)
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path}")
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")  # convert() loads the pixels, so decoding errors show here
+            return to_rgb(im)  # loads the pixels, so decoding errors show here
     except Exception as e:  # PIL raises many types for a corrupt file
         raise ValueError(f"cannot decode image {path}: {type(e).__name__}: {e}") from None
 

@@ -4,7 +4,8 @@ One JSON object per line; image paths are relative to the data root (by default 
 the file). Two kinds of files:
 
     kind "qa"       anomaly QA: level in {standard, identification, diagnosis}, exactly
-                    L = 4 ranked answers (best -> worst), label "yes" | "no", a group id
+                    L = 4 ranked answers (best -> worst), label "yes" | "no", a group id;
+                    optional normal_label "yes" | "no", the answer when the part is normal
     kind "general"  general image-text pairs (pretraining, imported LLaVA data): level
                     "general", >= 1 answer; group and label optional
 
@@ -242,6 +243,10 @@ def validate_record(rec: Any, kind: str, root: Path, where: str,
                     or not all(_is_int(s) and 1 <= s <= 5 for s in row)):
                 _fail(where, f"mle[{i}]", f"expected 3 integers in 1..5 (type, location, "
                                           f"logic), got {row!r}")
+    normal = rec.get("normal_label")
+    if normal is not None and normal not in LABELS:
+        _fail(where, "normal_label", f"expected 'yes' or 'no' (the answer when the part is "
+                                     f"normal), got {normal!r}")
     truth = rec.get("truth")
     if truth is not None and not isinstance(truth, dict):
         _fail(where, "truth", f"expected an object, got {truth!r}")

@@ -16,8 +16,9 @@ defect identification ~37%, deep diagnosis ~19%, as in AD-PL), each with 4 ranke
   A2 right decision, vague or wrong detail
   A3 hedged decision with faulty reasoning
   A4 wrong decision
-plus structured truth (for the oracle judge, sage.data.oracle) and per-image fact sentences
-(one per prompt of sage.data.prompts.FACT_PROMPTS, from category knowledge).
+plus structured truth (for the oracle judge, sage.data.oracle), per-image fact sentences
+(one per prompt of sage.data.prompts.FACT_PROMPTS, from category knowledge) and each
+question's normal_label, its answer for a normal part (evaluate.py's "Always normal" row).
 
 Splits: pretrain (captions, general questions and fact prompts on normal images of every
 category; no anomaly QA), sfe_train, edpo_train, test_seen (seen categories), test_unseen
@@ -168,34 +169,43 @@ def graded_answers(label: str, t: dict, cat: str, rng: np.random.Generator) -> l
 
 
 def questions_for(level: str, t: dict, cat: Category, rng: np.random.Generator):
-    """Five (question, label) pairs of one level about one test/reference pair."""
+    """Five (question, label, normal_label) triples of one level about one test/reference
+    pair: normal_label is the answer the question has for a normal part (evaluate.py's
+    "Always normal" row). Computing it draws nothing from rng."""
     n, anom, dfc = cat.name, t["anomalous"], t["defect"]
     yn = lambda b: "yes" if b else "no"  # noqa: E731
+
+    def ask(question: str, answer) -> tuple[str, str, str]:
+        """answer(anomalous) -> bool: the label for this part and for a normal one."""
+        return question, yn(answer(anom)), yn(answer(False))
+
     if level == "standard":
-        return [(f"Is there any anomaly in the test {n} compared with the reference?", yn(anom)),
-                (f"Does the test {n} look the same as the normal reference?", yn(not anom)),
-                (f"Is the test {n} defective?", yn(anom)),
-                (f"Does the test {n} show any difference from the reference?", yn(anom)),
-                (f"Should the test {n} pass the quality inspection?", yn(not anom))]
+        return [ask(f"Is there any anomaly in the test {n} compared with the reference?",
+                    lambda a: a),
+                ask(f"Does the test {n} look the same as the normal reference?", lambda a: not a),
+                ask(f"Is the test {n} defective?", lambda a: a),
+                ask(f"Does the test {n} show any difference from the reference?", lambda a: a),
+                ask(f"Should the test {n} pass the quality inspection?", lambda a: not a)]
     if level == "identification":
         qs = []
         for _ in range(3):
-            ask = dfc if (anom and rng.random() < P_TRUE) else other(rng, DEFECTS, dfc)
-            qs.append((f"Is there a {ask} on the {n}?", yn(anom and ask == dfc)))
+            ask_type = dfc if (anom and rng.random() < P_TRUE) else other(rng, DEFECTS, dfc)
+            qs.append(ask(f"Is there a {ask_type} on the {n}?",
+                          lambda a, d=ask_type: a and d == dfc))
         reg = (t["region"] if (anom and rng.random() < P_TRUE)
                else other(rng, REGIONS, t["region"]))
-        qs.append((f"Is there a defect at the {reg} of the {n}?",
-                   yn(anom and reg == t["region"])))
-        qs.append((f"Is the {n} free of defects?", yn(not anom)))
+        qs.append(ask(f"Is there a defect at the {reg} of the {n}?",
+                      lambda a: a and reg == t["region"]))
+        qs.append(ask(f"Is the {n} free of defects?", lambda a: not a))
         return qs
     cause = (CAUSE[dfc] if (anom and rng.random() < P_TRUE)
              else CAUSE[other(rng, DEFECTS, dfc)])
-    return [(f"Would this {n} work reliably in use?", yn(not anom)),
-            (f"Could a defect on this {n} cause it to fail?", yn(anom)),
-            (f"Does this {n} need rework or rejection?", yn(anom)),
-            (f"Could the condition of this {n} come from {cause}?",
-             yn(anom and cause == CAUSE[dfc])),
-            (f"Is it safe to ship this {n} to a customer?", yn(not anom))]
+    return [ask(f"Would this {n} work reliably in use?", lambda a: not a),
+            ask(f"Could a defect on this {n} cause it to fail?", lambda a: a),
+            ask(f"Does this {n} need rework or rejection?", lambda a: a),
+            ask(f"Could the condition of this {n} come from {cause}?",
+                lambda a: a and cause == CAUSE[dfc]),
+            ask(f"Is it safe to ship this {n} to a customer?", lambda a: not a)]
 
 
 # ----------------------------------------------------------------------------- generation
@@ -249,7 +259,7 @@ def make_groups(split: str, cats: list[Category], n_groups: int, out: Path, size
         level = LEVELS[int(rng.choice(3, p=LEVEL_WEIGHTS))]
         facts = facts_for(cat, cat.variants.index(next(
             x for x in cat.variants if x[0] == truth["reference_variant"])))
-        for q, (question, label) in enumerate(questions_for(level, truth, cat, rng)):
+        for q, (question, label, normal) in enumerate(questions_for(level, truth, cat, rng)):
             answers = answers_for(label, truth, cat.name, rng)
             if graded_rng is not None:
                 answers = graded_answers(label, truth, cat.name, graded_rng)
@@ -257,7 +267,7 @@ def make_groups(split: str, cats: list[Category], n_groups: int, out: Path, size
                 "id": f"{gid}-q{q}", "test_image": f"images/{split}/{gid}.png",
                 "reference_image": f"images/{split}/{gid}_ref.png", "category": cat.name,
                 "source": "synthad", "level": level, "group": gid, "question": question,
-                "answers": answers, "label": label,
+                "answers": answers, "label": label, "normal_label": normal,
                 "facts": facts,
                 "truth": {k: truth[k] for k in ("anomalous", "defect", "region", "variant",
                                                 "reference_variant")}})

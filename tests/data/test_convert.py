@@ -1,12 +1,15 @@
 """Importers (LLaVA, MANTA/MPDD-QA, MMAD, MVTec AD folder) on small hand-made fixtures; the output
-validates with load_jsonl. Run: python -m pytest -q tests/data/test_convert.py"""
+validates with load_jsonl. MVTec: graded evidence-first answers, normal_label, masks of any size
+and mode, the seeded held-out split. Run: python -m pytest -q tests/data/test_convert.py"""
 
 import json
 
 import pytest
 from PIL import Image
 
-from sage.data.convert import convert, stated_decision, mvtec_questions, rank_options
+from sage.data.convert import (convert, holdout_split, mask_region, mvtec_answers,
+                               mvtec_questions, neighbours, rank_options, stated_decision)
+from sage.data.oracle import extract_decision, oracle_scores
 from sage.tools.convert import main
 from sage.data.schema import load_jsonl
 
@@ -188,18 +191,182 @@ def test_mvtec_folder(tmp_path, capsys):
     assert bad[0]["truth"] == {"anomalous": True, "defect": "broken large", "region": "top-left"}
     assert good[0]["label"] == "no" and bad[0]["label"] == "yes"  # "is there any anomaly"
     assert good[2]["label"] == "yes" and bad[2]["label"] == "no"  # "is it free of defects"
-    assert bad[0]["answers"][0].startswith("Yes. The bottle shows a broken large in the top-left")
+    # normal_label: the answer for a normal part, whatever this part is
+    assert [r["normal_label"] for r in good] == [r["label"] for r in good]
+    assert [r["normal_label"] for r in bad] == ["no", "yes", "yes", "yes", "no"]
+    # evidence first, the decision last (SynthAD's style)
+    assert bad[0]["answers"][0] == (
+        "The inspection shows that there is a broken large defect at the top-left of the bottle; "
+        "the reference has no such mark, so the part fails the inspection. So the answer is Yes.")
     assert good[0]["reference_image"] == "bottle/train/good/000.png"
     assert bad[0]["reference_image"] == "bottle/train/good/001.png"
     assert good[0]["test_image"] == "bottle/test/good/000.png"
     assert len({r["group"] for r in recs}) == 2 and {r["level"] for r in recs} == {"standard"}
+    assert not (root / "qa_train.jsonl").exists()  # no --holdout, no split
 
 
 def test_mvtec_question_labels():
-    # identification, defect "crack" at "top", other type "scratch": asks about crack (yes),
-    # scratch (no), a defect in the top part (yes), anomalous (yes), identical (no)
-    qs = mvtec_questions("bottle", "identification", "crack", "top", "scratch")
-    assert [a for _, a in qs] == [True, False, True, True, False]
+    # identification, defect "crack" at "top", other types "scratch" and "hole": asks about
+    # crack (yes), scratch (no), a defect in the top part (yes), anomalous (yes), identical (no)
+    qs = mvtec_questions("bottle", "identification", "crack", "top", ("scratch", "hole"), "left")
+    assert [a for _, a, _ in qs] == [True, False, True, True, False]
+    assert [n for _, _, n in qs] == [False, False, False, False, True]
+    assert qs[0][0] == "Is there a crack defect on the bottle?"
     assert qs[2][0] == "Is there a defect in the top part of the bottle?"
-    normal = mvtec_questions("bottle", "diagnosis", None, None, "scratch")
-    assert [a for _, a in normal] == [False, False, False, True, False]
+    # a normal part: two different wrong types and the region `where`; no duplicate question
+    normal = mvtec_questions("bottle", "identification", None, None, ("oil", "hole"), "left")
+    assert [q for q, _, _ in normal][:3] == [
+        "Is there an oil defect on the bottle?", "Is there a hole defect on the bottle?",
+        "Is there a defect in the left part of the bottle?"]
+    assert all(a == n for _, a, n in normal)
+    normal = mvtec_questions("bottle", "diagnosis", None, None, ("scratch", "hole"), "top")
+    assert [a for _, a, _ in normal] == [False, False, False, True, False]
+    # region unknown (no mask) or a category without masks: no region is asked about
+    for qs in (mvtec_questions("bottle", "identification", "crack", None, ("oil", "hole"), "top"),
+               mvtec_questions("bottle", "identification", None, None, ("oil", "hole"), None)):
+        assert qs[2][0] == "Is there a defect anywhere on the bottle?"
+
+
+@pytest.mark.parametrize("defect, region, scores", [
+    ("crack", "top", [5.0, 4.33, 3.67, 1.33]),           # a type the oracle knows
+    ("broken large", "top-left", [4.33, 3.67, 3.67, 1.33]),  # a type it does not know
+    ("hole", None, [4.0, 3.33, 2.67, 1.33]),             # no mask: no region named
+    (None, None, [5.0, 4.0, 3.33, 1.33]),                # a normal part
+])
+def test_mvtec_answers_graded_evidence_first(defect, region, scores):
+    """SynthAD's graded scheme: A1 right; A2 right type, neighbouring region; A3 wrong type,
+    right region; A4 wrong decision. Each states the evidence, then the decision, which
+    sage.data.oracle.extract_decision reads; the oracle judge ranks them."""
+    truth = {"anomalous": defect is not None, "defect": defect, "region": region}
+    for label in (True, False):
+        answers = mvtec_answers(label, "bottle", defect, region, k=3)
+        yes, no = ("yes", "no") if label else ("no", "yes")
+        assert [extract_decision(a) for a in answers] == [yes, yes, yes, no]
+        for a in answers:
+            evidence, _, decision = a.rpartition(" So the answer is ")
+            assert decision in ("Yes.", "No.") and extract_decision(evidence) is None, a
+        got = [round(sum(oracle_scores(a, truth, yes, "q")) / 3, 2) for a in answers]
+        assert got == scores, answers
+    if region:
+        a2 = mvtec_answers(True, "bottle", defect, region, k=3)[1]
+        assert any(f"at the {n} of" in a2 for n in neighbours(region))
+    # the wrong type never names (or is named in) the true one
+    assert "scratch" not in mvtec_answers(True, "screw", "scratch head", "top", k=0)[2]
+
+
+def mvtec_tree(root, cats):
+    """cats: {name: {defect or "good": n images}}; masks for every defect image."""
+    for cat, counts in cats.items():
+        for k in range(2):
+            png(root / cat / "train" / "good" / f"{k:03d}.png", (200, 200, 200))
+        for d, n in counts.items():
+            for i in range(n):
+                png(root / cat / "test" / d / f"{i:03d}.png", (10 * i, 0, 0))
+                if d != "good":
+                    m = Image.new("L", (16, 16), 0)
+                    m.paste(255, (10, 10, 16, 16))  # bottom-right
+                    (root / cat / "ground_truth" / d).mkdir(parents=True, exist_ok=True)
+                    m.save(root / cat / "ground_truth" / d / f"{i:03d}_mask.png")
+
+
+def test_holdout_split_stratified_by_category_and_defect(tmp_path, capsys):
+    root = tmp_path / "mvtec"
+    mvtec_tree(root, {"bottle": {"good": 4, "crack": 3, "oil": 2, "cut": 1},
+                      "cable": {"good": 2, "bent_wire": 5}})
+    out = tmp_path / "qa.jsonl"
+    main(["mvtec", str(root), str(out), "--holdout", "0.5", "--seed", "0"])
+    printed = capsys.readouterr().out
+    assert "wrote 85 records to" in printed and "qa_train.jsonl" in printed
+    every = load_jsonl(out)
+    train = load_jsonl(tmp_path / "qa_train.jsonl")
+    test = load_jsonl(tmp_path / "qa_test.jsonl")
+    # whole groups, disjoint, every record once, file order kept
+    g_train, g_test = {r["group"] for r in train}, {r["group"] for r in test}
+    assert not g_train & g_test and len(train) + len(test) == len(every) == 85
+    assert sorted(r["id"] for r in train + test) == sorted(r["id"] for r in every)
+    assert [r["id"] for r in every if r["group"] in g_test] == [r["id"] for r in test]
+    # per stratum: half of n (rounded half up), at least 1 on each side; one image: train
+    held = {}
+    for g in g_test:
+        cat, defect = g.split("-")[1:3]
+        held[cat, defect] = held.get((cat, defect), 0) + 1
+    assert held == {("bottle", "good"): 2, ("bottle", "crack"): 2, ("bottle", "oil"): 1,
+                    ("cable", "good"): 1, ("cable", "bent_wire"): 3}
+    # deterministic by seed; another seed draws other images
+    again, other = tmp_path / "again.jsonl", tmp_path / "other.jsonl"
+    convert("mvtec", root, again, holdout=0.5, seed=0)
+    convert("mvtec", root, other, holdout=0.5, seed=1)
+    assert ({r["group"] for r in load_jsonl(tmp_path / "again_test.jsonl")} == g_test
+            != {r["group"] for r in load_jsonl(tmp_path / "other_test.jsonl")})
+
+
+def test_holdout_split_unit():
+    recs = [{"id": f"{g}-q{j}", "group": g, "category": c,
+             "truth": {"defect": d}} for g, c, d in [("a", "x", None), ("b", "x", None),
+                                                     ("c", "x", "dent"), ("d", "y", None)]
+            for j in range(2)]
+    train, test = holdout_split(recs, 0.5, seed=3)
+    assert {r["group"] for r in test} in ({"a"}, {"b"})  # x/good: 1 of 2; x/dent, y/good: 1
+    assert len(train) + len(test) == len(recs)
+    # adding a stratum moves no other group (seeded by stratum)
+    more = recs + [{"id": f"e-q{j}", "group": "e", "category": "z", "truth": {"defect": None}}
+                   for j in range(2)]
+    assert holdout_split(more, 0.5, seed=3)[1] == test
+    # a high holdout still leaves each stratum of >= 2 one training image
+    assert {r["group"] for r in holdout_split(recs, 0.99, seed=0)[0]} >= {"c", "d"}
+
+
+@pytest.mark.parametrize("bad", ["0", "1", "1.5", "-0.2", "nan"])
+def test_holdout_must_be_a_fraction(tmp_path, capsys, bad):
+    root = tmp_path / "mvtec"
+    mvtec_tree(root, {"bottle": {"good": 2}})
+    with pytest.raises(SystemExit) as e:
+        main(["mvtec", str(root), str(tmp_path / "qa.jsonl"), "--holdout", bad])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--holdout {float(bad)!r}: expected a fraction strictly between 0 and 1" in err
+    assert not (tmp_path / "qa.jsonl").exists()
+    with pytest.raises(ValueError, match="strictly between 0 and 1"):
+        convert("mvtec", root, tmp_path / "qa.jsonl", holdout=float(bad))
+    for value in (True, "0.5", None):
+        with pytest.raises(ValueError, match="strictly between 0 and 1"):
+            holdout_split([], value)
+
+
+def test_mask_region_any_size_and_mode(tmp_path):
+    def mask(mode, size, box, value):
+        m = Image.new(mode, size, 0)
+        m.paste(value, box)
+        path = tmp_path / f"m_{mode.replace(';', '')}_{size[0]}.png"
+        m.save(path)
+        return path
+
+    assert mask_region(mask("L", (30, 20), (0, 0, 8, 5), 255)) == "top-left"
+    assert mask_region(mask("1", (9, 31), (6, 22, 9, 31), 1)) == "bottom-right"
+    assert mask_region(mask("L", (40, 40), (15, 15, 25, 25), 1)) == "center"  # a 0/1 mask
+    assert mask_region(mask("I;16", (33, 27), (22, 0, 33, 9), 65535)) == "top-right"
+    assert mask_region(mask("RGB", (21, 21), (0, 8, 6, 13), (255, 0, 0))) == "left"
+    assert mask_region(mask("RGBA", (12, 12), (4, 8, 8, 12), (255, 255, 255, 255))) == "bottom"
+    assert mask_region(mask("L", (13, 17), (0, 0, 0, 0), 0)) is None  # empty
+    broken = tmp_path / "broken_mask.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not a png")
+    with pytest.raises(ValueError, match=r"broken_mask.png: cannot decode the defect mask"):
+        mask_region(broken)
+
+
+def test_mvtec_masks_missing_other_size_other_name(tmp_path):
+    root = tmp_path / "mvtec"
+    mvtec_tree(root, {"tile": {"good": 1, "crack": 3}})
+    gt = root / "tile" / "ground_truth" / "crack"
+    (gt / "001_mask.png").unlink()                     # missing: region unknown
+    (gt / "002_mask.png").rename(gt / "002.png")       # VisA-style name <stem>.png
+    big = Image.new("L", (300, 200), 0)                # another size than the 16 x 16 image
+    big.paste(255, (0, 150, 60, 200))
+    big.save(gt / "000_mask.png")
+    convert("mvtec", root, tmp_path / "qa.jsonl")
+    truth = {r["group"].rsplit("-", 1)[1]: r["truth"]["region"]
+             for r in load_jsonl(tmp_path / "qa.jsonl") if r["truth"]["anomalous"]}
+    assert truth == {"000": "bottom-left", "001": None, "002": "bottom-right"}
+    (gt / "002.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match=r"002.png: cannot decode the defect mask"):
+        convert("mvtec", root, tmp_path / "qa.jsonl")

@@ -43,6 +43,13 @@ def test_good_file_loads(root):
     assert recs[1]["reference_image"] is None
 
 
+def test_normal_label_is_optional(root):
+    # the answer a question has for a normal part (evaluate.py's "Always normal" row)
+    path = write_lines(root, [good_record(0, normal_label="no"), good_record(1),
+                              good_record(2, normal_label=None)])
+    assert [r.get("normal_label") for r in load_jsonl(path)] == ["no", None, None]
+
+
 def _without(field):
     rec = good_record(1)
     del rec[field]
@@ -64,6 +71,8 @@ def _without(field):
     (good_record(1, reference_image="img/../../x.png"), "reference_image", "escapes"),
     (good_record(1, test_image="/abs/t.png"), "test_image", "absolute"),
     (good_record(0), "id", "duplicate id"),
+    (good_record(1, normal_label="normal"), "normal_label", "'yes' or 'no' (the answer when"),
+    (good_record(1, normal_label=True), "normal_label", "got True"),
 ])
 def test_bad_line_names_file_line_field(root, bad, field, words):
     path = write_lines(root, [good_record(0), bad])

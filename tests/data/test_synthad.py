@@ -1,7 +1,7 @@
 """SynthAD: determinism, schema validity of every split, groups of 5 of one level, ranked
 answers (by the oracle judge; E-DPO's four distinct in score), unseen categories kept out of
-training, and every split but edpo_train as it was before graded answers.
-Run: python -m pytest -q tests/data/test_synthad.py"""
+training, every split but edpo_train as it was before graded answers, and each question's
+normal_label. Run: python -m pytest -q tests/data/test_synthad.py"""
 
 import hashlib
 import json
@@ -184,11 +184,35 @@ DIGESTS = {"pretrain": "353a6eae02314ea7", "sfe_train": "ecb1fe362cf348a0",
            "test_seen": "21cbb4b1e9c94057", "test_unseen": "11120f812c58190e"}
 
 
+def without_normal_label(path):
+    """The JSONL's bytes as they were before records carried normal_label (issue 16)."""
+    lines = path.read_text().splitlines()
+    return "".join(json.dumps({k: v for k, v in json.loads(x).items() if k != "normal_label"})
+                   + "\n" for x in lines).encode()
+
+
 def test_splits_other_than_edpo_unchanged(synth):
     from PIL import Image
     for split, want in DIGESTS.items():
-        h = hashlib.sha256((synth / f"{split}.jsonl").read_bytes())
+        # adding normal_label left every other field (and every image) byte for byte the same
+        h = hashlib.sha256(without_normal_label(synth / f"{split}.jsonl"))
         for img in sorted((synth / "images" / split).iterdir()):
             h.update(img.name.encode())
             h.update(Image.open(img).tobytes())
         assert h.hexdigest()[:16] == want, split
+
+
+def test_normal_label_is_the_answer_for_a_normal_part(synth):
+    """Every QA record's normal_label: its label when the part is normal; for an anomalous part
+    the answer its template has without a defect (the "Always normal" row of evaluate.py)."""
+    normal_yes = ("look the same", "free of defects", "pass the quality", "work reliably",
+                  "safe to ship")
+    n_differ = 0
+    for split in SPLITS:
+        for r in load_jsonl(synth / f"{split}.jsonl", kind="qa"):
+            want = "yes" if any(w in r["question"] for w in normal_yes) else "no"
+            assert r["normal_label"] == want, r["id"]
+            if not r["truth"]["anomalous"]:
+                assert r["normal_label"] == r["label"], r["id"]
+            n_differ += r["normal_label"] != r["label"]
+    assert n_differ  # anomalous parts: most questions have another answer
