@@ -114,15 +114,17 @@ if args.judge == "oracle":
     judge = OracleJudge()
 elif args.judge == "openai":  # raises now when there is no API key
     judge = OpenAIJudge(model=args.judge_model, cache=args.judge_cache)
+min_facts = 0  # the most fact sentences any of the models reads
 for model_dir in args.model:
     cfg = SageModel.config_for(model_dir, read_checkpoint_index(model_dir))  # header only
+    min_facts = max(min_facts, cfg.facts_needed)
     if not (Path(model_dir) / "tokenizer.model").is_file():
         raise FileNotFoundError(f"{model_dir}: no tokenizer.model (an evaluated model needs "
                                 "its tokenizer beside the weights)")
     if args.tp > 1:
         check_divisible(cfg, args.tp)
 records = first_groups(load_records(Path(args.data) / f"{args.split}.jsonl", "qa",
-                                    args.skip_bad), args.limit)
+                                    args.skip_bad, min_facts), args.limit)
 if "one-shot" in settings and any(r.get("reference_image") is None for r in records):
     raise ValueError(f"{args.data}/{args.split}.jsonl: records without reference_image "
                      "cannot be evaluated one-shot; pass --setting zero-shot")

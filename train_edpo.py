@@ -65,7 +65,8 @@ p.add_argument("--max_len", type=int, default=None, help="truncate sequences (to
 p.add_argument("--loss", choices=["edpo", "dpo"], default="edpo",
                help="edpo: both pairs with the entropy bias; dpo: eta = 0, extreme pair only")
 p.add_argument("--beta", type=positive(), default=0.1, help="beta of Eq. 6-7 (DPO strength)")
-p.add_argument("--eta", type=at_least(0.0, float), default=1.0, help="eta of Eq. 6 (entropy bias scale)")
+p.add_argument("--eta", type=at_least(0.0, float), default=1.0,
+               help="eta of Eq. 6 (entropy bias scale)")
 p.add_argument("--tau", type=positive(), default=1.0, help="softmax temperature of Eq. 4")
 p.add_argument("--ref_cache", default=None,
                help="JSON file of reference log-probs, computed if absent, refused if made from "
@@ -100,7 +101,8 @@ seed_everything(args.seed + dist.rank)
 accum = accumulation_steps(args.global_batch, dist.world_size, args.micro_batch)
 run_dir = Path(args.out)  # checked now; written only once every input has been read
 check_run_dir(run_dir, args.resume, vars(args), args.resume_force)
-records = load_records(Path(args.data) / f"{args.split}.jsonl", "qa", args.skip_bad)
+records = load_records(Path(args.data) / f"{args.split}.jsonl", "qa", args.skip_bad,
+                       min_facts=cfg.facts_needed)
 
 # ----------------------------------------------------------------------------- data
 tokenizer = Tokenizer.from_pretrained(args.init)

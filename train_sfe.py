@@ -79,7 +79,8 @@ accum = accumulation_steps(args.global_batch, dist.world_size, args.micro_batch)
 run_dir = Path(args.out)  # checked now; written only once every input has been read
 check_run_dir(run_dir, args.resume, vars(args), args.resume_force)
 data_file = Path(args.data) / f"{args.split}.jsonl"
-records = load_records(data_file, "qa", args.skip_bad)  # every image checked before any work
+records = load_records(data_file, "qa", args.skip_bad,  # every image checked before any work
+                       min_facts=cfg.facts_needed)  # and every record's facts
 
 # ----------------------------------------------------------------------------- model
 tokenizer = Tokenizer.from_pretrained(args.init)

@@ -183,6 +183,12 @@ class SageConfig:
                f"('test'/'difference'), fact_head_init={self.fact_head_init} (>= 0)")
 
     @property
+    def facts_needed(self) -> int:
+        """Fact sentences a record needs: N for Fact[FE] (one query each, Eq. 2), 1 for
+        Fact[Hard] (up to N as text), 0 for the plain VLM."""
+        return {"fe": self.n_facts, "hard": 1}.get(self.facts_mode, 0)
+
+    @property
     def n_image_tokens(self) -> int:
         """LLM tokens per 448 tile after pixel shuffle (256 for InternVL2)."""
         return int(self.vision.n_patches * self.downsample_ratio**2)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from sage.data.images import open_rgb, to_rgb
 from sage.kernels import topk_cosine
 
 
@@ -32,8 +33,8 @@ def selection_png(test_img: Image.Image, ref_img: Image.Image, scores: np.ndarra
     selected: token indices of the K chosen patches."""
     if scores.shape != (grid * grid,):
         raise ValueError(f"scores has shape {scores.shape}, expected ({grid * grid},)")
-    test = test_img.convert("RGB").resize((size, size), Image.BICUBIC)
-    ref = ref_img.convert("RGB").resize((size, size), Image.BICUBIC)
+    test = to_rgb(test_img).resize((size, size), Image.BICUBIC)  # any mode, 16-bit scaled
+    ref = to_rgb(ref_img).resize((size, size), Image.BICUBIC)
     heat = 1.0 - scores  # 1 - s_i: high where no reference token is similar
     span = heat.max() - heat.min()
     heat = (heat - heat.min()) / (span if span > 0 else 1.0)
@@ -67,5 +68,5 @@ def visualize_selection(model, example: dict, test_image, reference_image, out) 
     idx, s, _ = topk_cosine(v_t, v_r, P, mode=model.cfg.selection)
     scores = torch.empty(P).scatter_(0, idx[0].cpu(), s[0].cpu()).numpy()
     selected = idx[0, :model.cfg.top_k].tolist()
-    return selection_png(Image.open(test_image), Image.open(reference_image), scores, selected,
+    return selection_png(open_rgb(test_image), open_rgb(reference_image), scores, selected,
                          int(P**0.5), out)

@@ -86,11 +86,17 @@ def _control_token(rec):
     return json.dumps(rec)
 
 
+def _one_fact(rec):
+    rec["facts"] = ["A normal part is clean."]  # Fact[FE] with the base's N = 4 needs four
+    return json.dumps(rec)
+
+
 @pytest.mark.parametrize("edit, line, names", [
     (lambda rec: '{"id": "cut short', 2, ["sfe_train.jsonl:2", "malformed JSON"]),
     (_missing_image, 3, ["sfe_train.jsonl:3", "test_image", "nowhere.png"]),
     (_control_token, 2, ["sfe_train.jsonl:2", "question"]),
-], ids=["malformed-line", "missing-image", "control-token"])
+    (_one_fact, 4, ["sfe_train.jsonl:4", "facts", "1 sentence(s), the model needs 4"]),
+], ids=["malformed-line", "missing-image", "control-token", "too-few-facts"])
 def test_bad_data_is_refused_before_any_work(synth, tmp_path, edit, line, names):
     data = bad_split(synth, tmp_path, "sfe_train", line, edit)
     out = tmp_path / "run"

@@ -72,12 +72,11 @@ class Collator:
     def user_message(self, ex: dict) -> str:
         n_tiles = ex["pixel_test"].shape[0]
         facts = ex.get("facts") or []
-        # "fe" needs exactly N sentences (one query each, Eq. 2); "hard" uses up to N as text
-        need = self.cfg.n_facts if self.facts_mode == "fe" else int(self.facts_mode == "hard")
+        need = self.cfg.facts_needed  # the scripts check it for every record at load
         if len(facts) < need:
             raise ValueError(f"record {ex.get('id')!r}: facts_mode {self.facts_mode!r} needs "
                              f"{need} fact sentence(s) in field 'facts', got {len(facts)} "
-                             "(fill them with `python -m sage.facts ... --fill`)")
+                             "(fill them with `python -m sage.tools.facts ... --fill`)")
         return build_user_message(ex["question"], self.cfg.n_image_tokens * n_tiles,
                                   facts_mode=self.facts_mode, n_facts=self.cfg.n_facts,
                                   facts=facts[:self.cfg.n_facts])

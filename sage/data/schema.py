@@ -262,7 +262,7 @@ def validate_record(rec: Any, kind: str, root: Path, where: str,
 def load_jsonl(path: str | Path, kind: str = "qa", skip_bad: bool = False,
                check_images: bool | str = False, root: str | Path | None = None,
                report: Callable[[SkipReport], None] | None = None,
-               allow_empty: bool = False) -> list[dict]:
+               allow_empty: bool = False, min_facts: int = 0) -> list[dict]:
     """Read and validate a JSONL file of records (docs/design.md §6) -> list of dicts.
 
     root: data root of the image paths (default: the file's folder).
@@ -271,6 +271,9 @@ def load_jsonl(path: str | Path, kind: str = "qa", skip_bad: bool = False,
     skip_bad: skip bad lines instead of raising; `report(SkipReport)` is then called once
         (default `warn`s a one-line summary when anything was skipped).
     allow_empty: return [] for a file without records instead of raising.
+    min_facts: every record needs at least this many sentences in 'facts' (what the model
+        that reads them needs: N for Fact[FE], 1 for Fact[Hard]), checked here rather than
+        when the record is first drawn, hours into a run.
     Raises ValueError 'FILE:LINE: field 'F': ...' on the first bad line otherwise; ids must
     be unique within the file and a group keeps one level (kind "qa").
     """
@@ -302,6 +305,11 @@ def load_jsonl(path: str | Path, kind: str = "qa", skip_bad: bool = False,
                     raise RecordError(f"{where}: malformed JSON (column {e.colno}): "
                                       f"{e.msg}") from None
                 validate_record(rec, kind, root, where, check_images, images)
+                if len(rec.get("facts") or []) < min_facts:
+                    _fail(where, "facts", f"{len(rec.get('facts') or [])} sentence(s), the "
+                                          f"model needs {min_facts}: fill them with `python -m "
+                                          f"sage.tools.facts --fill` (more --max_new_tokens), "
+                                          f"or lower --n_facts")
                 if rec["id"] in seen:
                     _fail(where, "id", f"duplicate id {rec['id']!r} (first on line "
                                        f"{seen[rec['id']]})")

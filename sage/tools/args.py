@@ -89,14 +89,17 @@ def positive(kind: type = float):
     return parse
 
 
-def load_records(path: str | Path, kind: str, skip_bad: bool) -> list[dict]:
-    """A JSONL split with every referenced image checked at load (missing, empty, truncated):
-    the first bad record is an error naming file, line and field; with skip_bad the bad ones
-    are dropped and counted in one warning (rank 0 only under torchrun)."""
+def load_records(path: str | Path, kind: str, skip_bad: bool, min_facts: int = 0) -> list[dict]:
+    """A JSONL split with every referenced image checked at load (missing, empty, truncated)
+    and at least `min_facts` fact sentences per record (SageConfig.facts_needed): the first
+    bad record is an error naming file, line and field; with skip_bad the bad ones are dropped
+    and counted in one warning (rank 0 only under torchrun)."""
     from sage.data.schema import load_jsonl  # the data floor, imported when a split is read
 
     quiet = None if is_main_rank() else (lambda rep: None)
-    return load_jsonl(path, kind=kind, check_images=True, skip_bad=skip_bad, report=quiet)
+    return load_jsonl(path, kind=kind, check_images=True, skip_bad=skip_bad, report=quiet,
+                      min_facts=min_facts)
+
 
 
 def add_optim_args(p: argparse.ArgumentParser) -> None:

@@ -231,6 +231,20 @@ def test_empty_split_facts_and_strings(root):
             load_jsonl(path)
 
 
+def test_min_facts_is_checked_at_load_and_skip_bad_drops_short_records(root):
+    path = write_lines(root, [good_record(0, facts=["a", "b"]), good_record(1, facts=["a"]),
+                              good_record(2, facts=None)])
+    assert len(load_jsonl(path, min_facts=0)) == 3
+    with pytest.raises(ValueError, match=r"data.jsonl:2: field 'facts': 1 sentence\(s\), the "
+                                         r"model needs 2: fill them"):
+        load_jsonl(path, min_facts=2)
+    reps = []
+    assert [r["id"] for r in load_jsonl(path, min_facts=2, skip_bad=True,
+                                        report=reps.append)] == ["r0"]
+    assert reps[0].n_skipped == 2
+    assert "data.jsonl:3: field 'facts': 0 sentence(s)" in reps[0].errors[1]
+
+
 def test_a_group_keeps_one_level(root):
     path = write_lines(root, [good_record(0), good_record(1, level="diagnosis")])
     with pytest.raises(ValueError, match=r"data.jsonl:2: field 'level': group 'g0' is "
