@@ -251,10 +251,11 @@ def probe_auroc(features: torch.Tensor, labels: list[bool], folds: int = 5,
 @torch.no_grad()
 def comparison_report(model, records: list[dict], root: str, folds: int = 5) -> dict:
     """What the comparison with the reference can tell, one record per image (`truth`
-    needed): the AUROC of Eq. 1's anomaly score -mean_k s_k over the K selected patches (low
-    nearest-neighbour cosine = unlike every reference patch), and the AUROC of a
-    cross-validated linear probe (`probe_auroc`) on the N fact tokens (facts_mode "fe" and at
-    least 2 x folds images), one-shot and zero-shot."""
+    needed), stage by stage, as AUROC for "anomalous": Eq. 1's anomaly score -mean_k s_k over
+    the K selected patches (low nearest-neighbour cosine = unlike every reference patch); and,
+    for facts_mode "fe", one-shot and zero-shot, the norm of the fusion output t^s (Eq. 2; the
+    Eq. 9 head's LayerNorm removes it), a cross-validated linear probe (`probe_auroc`, at least
+    2 x folds images) on t^s and one on the fact tokens after the head."""
     labels = []
     for r in records:
         if "anomalous" not in (r.get("truth") or {}):
@@ -269,10 +270,18 @@ def comparison_report(model, records: list[dict], root: str, folds: int = 5) -> 
     score = (-sims.mean(-1)).tolist()
     out = {"eq1_auroc": auroc([s for s, a in zip(score, labels) if a],
                               [s for s, a in zip(score, labels) if not a])}
-    if model.cfg.facts_mode == "fe" and len(records) >= 2 * folds:
-        for setting in ("one-shot", "zero-shot"):
-            ds = SFEDataset(records, root, model.cfg, setting=setting)
-            b = collate([ds[i] for i in range(len(records))])
-            x = model.fact_tokens(model.encode_images(b["pixel_test"]), b)  # (B, N, C)
+    if model.cfg.facts_mode != "fe":
+        return out
+    for setting in ("one-shot", "zero-shot"):
+        ds = SFEDataset(records, root, model.cfg, setting=setting)
+        b = collate([ds[i] for i in range(len(records))])
+        t_g, keys, values, key_mask = model.fusion_inputs(model.encode_images(b["pixel_test"]), b)
+        t_s = model.fusion(t_g, keys, values, key_mask=key_mask)  # (B, N, C), Eq. 2
+        x = model.fact_proj(t_s)  # (B, N, C), Eq. 9: LayerNorm, then the Linear
+        norm = t_s.norm(dim=-1).mean(-1).tolist()  # the size of the fused difference
+        out[f"norm_{setting}"] = auroc([v for v, a in zip(norm, labels) if a],
+                                       [v for v, a in zip(norm, labels) if not a])
+        if len(records) >= 2 * folds:
+            out[f"probe_fusion_{setting}"] = probe_auroc(t_s.flatten(1), labels, folds)
             out[f"probe_{setting}"] = probe_auroc(x.flatten(1), labels, folds)
     return out

@@ -199,5 +199,7 @@ def test_comparison_report_scores_a_copy_of_the_reference_as_normal(fe_base, tmp
     assert {r["truth"]["anomalous"] for r in recs} == {True, False}
     rep = comparison_report(model, recs, str(tmp_path), folds=3)
     assert rep["eq1_auroc"] == 1.0
-    assert 0 <= rep["probe_one-shot"] <= 1 and 0 <= rep["probe_zero-shot"] <= 1
-    assert "probe_one-shot" not in comparison_report(model, recs[:5], str(tmp_path), folds=3)
+    for key in ("probe", "probe_fusion", "norm"):
+        assert 0 <= rep[f"{key}_one-shot"] <= 1 and 0 <= rep[f"{key}_zero-shot"] <= 1
+    few = comparison_report(model, recs[:5], str(tmp_path), folds=3)
+    assert "probe_one-shot" not in few and "norm_one-shot" in few

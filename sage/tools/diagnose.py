@@ -59,10 +59,13 @@ def main(argv: list[str] | None = None) -> None:
         c = comparison_report(model, firsts, args.data)
         line = (f"comparison on {len(firsts)} images: Eq. 1's anomaly score (mean of the K "
                 f"lowest nearest-neighbour cosines) AUROC {c['eq1_auroc']:.3f}")
-        if "probe_one-shot" in c:
-            line += (f"; linear probe on the fact tokens (5-fold ridge) AUROC one-shot "
-                     f"{c['probe_one-shot']:.3f}, zero-shot {c['probe_zero-shot']:.3f}")
         print(line + " (0.5 = no signal)")
+        for s in ("one-shot", "zero-shot") if "norm_one-shot" in c else ():
+            line = f"  {s}: norm of the fusion output t^s AUROC {c[f'norm_{s}']:.3f}"
+            if f"probe_{s}" in c:
+                line += (f"; linear probe (5-fold ridge) on t^s {c[f'probe_fusion_{s}']:.3f}, "
+                         f"on the fact tokens after the Eq. 9 head {c[f'probe_{s}']:.3f}")
+            print(line)
 
 
 def print_fusion_report(rep: dict, n_images: int) -> None:
