@@ -180,7 +180,7 @@ while step < max_steps:
                for _ in range(accum)]
     n_pairs = all_reduce_sum(torch.tensor(float(sum(b["n_pairs"] for b in batches)),
                                           device=dist.device)).item()
-    stats = torch.zeros(6, device=dist.device)  # loss, margin, acc, dH_max, dH_min, tokens
+    stats = torch.zeros(7, device=dist.device)  # loss, margin, acc, dH_max, dH_min, tokens, r_w
     for batch in batches:
         batch = to_device(batch, dist.device)
         w, l = batch["pair_w"], batch["pair_l"]  # (M,) each: sequences of a_w and a_l
@@ -201,14 +201,14 @@ while step < max_steps:
         check_finite(loss, step, batch["ids"])
         loss.backward()
         with torch.no_grad():
-            margin = (dpo_rewards(pol[w], ref_w, args.beta)
-                      - dpo_rewards(pol[l], ref_l, args.beta))  # (M,)
+            chosen = dpo_rewards(pol[w], ref_w, args.beta)  # (M,)
+            margin = chosen - dpo_rewards(pol[l], ref_l, args.beta)  # (M,)
             extreme = torch.tensor([k == "extreme" for k in batch["pair_kind"]],
                                    device=dist.device)
             dh = batch["pair_delta_h"]
             stats += torch.stack([losses.sum(), margin.sum(), (margin > 0).float().sum(),
                                   dh[extreme].sum(), dh[~extreme].sum(),
-                                  (batch["position_ids"] >= 0).sum().float()])
+                                  (batch["position_ids"] >= 0).sum().float(), chosen.sum()])
     # -- clip, step, zero_grad
     gnorm = grad_norm_and_clip(model, args.grad_clip)
     optimizer.step()
@@ -221,11 +221,15 @@ while step < max_steps:
         n_adj = n_pairs - n_inst
         dt = (time.time() - t_last) / (args.log_every if step % args.log_every == 0 else 1)
         t_last = time.time()
+        # reward_chosen < 0: the chosen answers lose likelihood too (the margin grows by
+        # pushing both down; decisions can then vanish from generated answers)
         rec = {"step": step, "loss": s[0] / n_pairs, "reward_margin": s[1] / n_pairs,
+               "reward_chosen": s[6] / n_pairs,
                "reward_acc": s[2] / n_pairs, "dh_max": s[3] / n_inst,
                "dh_min": s[4] / n_adj if n_adj else None, "lr": optimizer.param_groups[0]["lr"],
                "gnorm": gnorm, "step_ms": dt * 1000, "tok_s": s[5] / dt, "setting": setting}
-        extra = (f" | margin {rec['reward_margin']:+.3f} | acc {rec['reward_acc']:.2f} | "
+        extra = (f" | margin {rec['reward_margin']:+.3f} | chosen {rec['reward_chosen']:+.3f}"
+                 f" | acc {rec['reward_acc']:.2f} | "
                  f"dH_max {rec['dh_max']:.3f}"
                  + (f" | dH_min {rec['dh_min']:.3f}" if n_adj else "")
                  + f" | ETA {eta(dt, max_steps - step)}")
