@@ -18,9 +18,10 @@ The command prints
   images, and the one-shot vs zero-shot distance (0: the reference changes nothing);
 - what the comparison can tell (records with `truth.anomalous`, `comparison_report`): the
   AUROC of Eq. 1's own anomaly score (the mean of the K lowest nearest-neighbour cosines,
-  no training involved) and of a cross-validated linear probe on the fact tokens, one-shot
-  and zero-shot. The first bounds what the selected patches carry; the probe says whether the
-  fact tokens pass it on to the LLM; the model's accuracy says whether the LLM uses it.
+  no training involved), of the fusion output's norm and of cross-validated linear probes on
+  it and on the fact tokens, one-shot and zero-shot. The first bounds what the selected
+  patches carry; the others say how much of it the fact tokens pass on to the LLM; the
+  model's accuracy says whether the LLM uses it.
 """
 
 from __future__ import annotations
@@ -262,16 +263,31 @@ def comparison_report(model, records: list[dict], root: str, folds: int = 5) -> 
             raise KeyError(f"sage.diagnose: record {r.get('id')!r} has no truth.anomalous")
         labels.append(bool(r["truth"]["anomalous"]))
     collate = Collator(model.tokenizer, model.cfg)
-    ds = SFEDataset(records, root, model.cfg, setting="one-shot")
-    batch = collate([ds[i] for i in range(len(records))])
-    v_t, t_mask = split_by_tiles(model.encode_images(batch["pixel_test"]), batch["tiles_test"])
-    v_r, r_mask = split_by_tiles(model.encode_images(batch["pixel_ref"]), batch["tiles_ref"])
-    _, sims, _ = model.select(v_t, v_r, t_mask, r_mask)  # (B, K): the K lowest s_i (Eq. 1)
-    score = (-sims.mean(-1)).tolist()
-    out = {"eq1_auroc": auroc([s for s, a in zip(score, labels) if a],
-                              [s for s, a in zip(score, labels) if not a])}
-    if model.cfg.facts_mode != "fe":
-        return out
+
+    def by_label(scores) -> float:  # AUROC of per-image scores for "anomalous"
+        return auroc([v for v, a in zip(scores, labels) if a],
+                     [v for v, a in zip(scores, labels) if not a])
+
+    out = {}
+    for setting in ("one-shot", "zero-shot"):
+        ds = SFEDataset(records, root, model.cfg, setting=setting)
+        b = collate([ds[i] for i in range(len(records))])
+        v_tiles = model.encode_images(b["pixel_test"])  # once per setting
+        if setting == "one-shot":  # Eq. 1 on the same test features
+            v_t, t_mask = split_by_tiles(v_tiles, b["tiles_test"])
+            v_r, r_mask = split_by_tiles(model.encode_images(b["pixel_ref"]), b["tiles_ref"])
+            _, sims, _ = model.select(v_t, v_r, t_mask, r_mask)  # (B, K): the K lowest s_i
+            out["eq1_auroc"] = by_label((-sims.mean(-1)).tolist())
+        if model.cfg.facts_mode != "fe":
+            break
+        t_g, keys, values, key_mask = model.fusion_inputs(v_tiles, b)
+        t_s = model.fusion(t_g, keys, values, key_mask=key_mask)  # (B, N, C), Eq. 2
+        x = model.fact_proj(t_s)  # (B, N, C), Eq. 9: LayerNorm, then the Linear
+        out[f"norm_{setting}"] = by_label(t_s.norm(dim=-1).mean(-1).tolist())  # fused size
+        if len(records) >= 2 * folds:
+            out[f"probe_fusion_{setting}"] = probe_auroc(t_s.flatten(1), labels, folds)
+            out[f"probe_{setting}"] = probe_auroc(x.flatten(1), labels, folds)
+    return out
     for setting in ("one-shot", "zero-shot"):
         ds = SFEDataset(records, root, model.cfg, setting=setting)
         b = collate([ds[i] for i in range(len(records))])
