@@ -1,8 +1,9 @@
 """SynthAD: a generated industrial anomaly-reasoning benchmark in the AD-PL JSONL format
 (docs/design.md §6-7), so that the whole SAGE pipeline runs offline on a CPU.
 
-Products (8 categories, 3 colour variants each, two sizes) are drawn with Pillow on a lit,
-noisy background; an anomalous test image carries one defect at one of 9 regions:
+Products (8 categories, 3 colour variants each, two sizes; on request 6 more, EXTRA_CATEGORIES,
+in training only) are drawn with Pillow on a lit, noisy background; an anomalous test image
+carries one defect at one of 9 regions:
 scratch, hole, crack, stain, colour deviation (the object is drawn in another variant's
 colour: abnormal only relative to the reference) or a missing component. Every test image has
 a normal reference: another instance of the same variant on the same inspection station, with
@@ -20,8 +21,9 @@ plus structured truth (for the oracle judge, sage.data.oracle), per-image fact s
 (one per prompt of sage.data.prompts.FACT_PROMPTS, from category knowledge) and each
 question's normal_label, its answer for a normal part (evaluate.py's "Always normal" row).
 
-Splits: pretrain (captions, general questions and fact prompts on normal images of every
-category; no anomaly QA), sfe_train, edpo_train, test_seen (seen categories), test_unseen
+Splits: pretrain (captions, general questions and fact prompts on normal images of the 8
+categories; no anomaly QA), sfe_train, edpo_train, test_seen (seen categories; `generate`'s
+sfe_groups adds SFE groups, with extra_categories of the EXTRA_CATEGORIES too), test_unseen
 (the UNSEEN categories only), corpus.txt (all text, for the tiny tokenizer), facts.jsonl,
 manifest.json.
 
@@ -37,8 +39,8 @@ import numpy as np
 
 from sage.data.prompts import FACT_PROMPTS
 # the pictures (re-exported: callers import them from here)
-from sage.data.synthad_render import (BY_NAME, CATEGORIES, REGIONS, Category,  # noqa: F401
-                                      fixture, render)
+from sage.data.synthad_render import (BY_NAME, CATEGORIES, EXTRA_CATEGORIES,  # noqa: F401
+                                      REGIONS, Category, fixture, render)
 
 DEFECTS = ("scratch", "hole", "crack", "stain", "colour deviation", "missing component")
 LEVELS = ("standard", "identification", "diagnosis")
@@ -241,18 +243,19 @@ def sample_pair(cat: Category, rng: np.random.Generator, size: int, anomalous: b
 
 def make_groups(split: str, cats: list[Category], n_groups: int, out: Path, size: int,
                 rng: np.random.Generator, p_anomalous: float = 0.5,
-                graded_rng: np.random.Generator | None = None) -> list[dict]:
-    """n_groups test/reference pairs, 5 QA records each. With `graded_rng` the ranked answers
-    are `graded_answers`, drawn from it (the E-DPO split); `answers_for` still draws from
-    `rng`, so that every later split comes out as it did before graded answers existed."""
+                graded_rng: np.random.Generator | None = None, first: int = 0) -> list[dict]:
+    """n_groups test/reference pairs, 5 QA records each, numbered from `first`. With
+    `graded_rng` the ranked answers are `graded_answers`, drawn from it (the E-DPO split);
+    `answers_for` still draws from `rng`, so that every later split comes out as it did before
+    graded answers existed."""
     records = []
     img_dir = out / "images" / split
     img_dir.mkdir(parents=True, exist_ok=True)
     n_anom = int(round(p_anomalous * n_groups))
     anomalous = rng.permutation([True] * n_anom + [False] * (n_groups - n_anom))
-    for g in range(n_groups):
+    for g in range(first, first + n_groups):
         cat = cats[g % len(cats)]
-        test, ref, truth = sample_pair(cat, rng, size, bool(anomalous[g]))
+        test, ref, truth = sample_pair(cat, rng, size, bool(anomalous[g - first]))
         gid = f"synth-{split}-{cat.name}-{g:05d}"
         test.save(img_dir / f"{gid}.png")
         ref.save(img_dir / f"{gid}_ref.png")
@@ -368,8 +371,13 @@ SIZES = {"pretrain": 700, "sfe_train": 300, "edpo_train": 100, "test_seen": 40,
          "test_unseen": 40}  # images (pretrain) or groups of 5 questions, at scale 1
 
 
-def generate(out: str | Path, seed: int = 0, size: int = 224, scale: float = 1.0) -> dict:
-    """Write every split into `out`; -> the manifest."""
+def generate(out: str | Path, seed: int = 0, size: int = 224, scale: float = 1.0,
+             sfe_groups: int | None = None, extra_categories: bool = False) -> dict:
+    """Write every split into `out`; -> the manifest. `sfe_groups` (default SIZES x scale)
+    sets the SFE training split's size: groups beyond the default come from their own random
+    stream after the others, so every other split (and the first groups) stays as it is.
+    `extra_categories`: those extra groups cycle over the seen and the EXTRA_CATEGORIES (never
+    an unseen one); the manifest lists the extra ones under categories["extra"]."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -383,6 +391,13 @@ def generate(out: str | Path, seed: int = 0, size: int = 224, scale: float = 1.0
                         ("test_unseen", unseen)):
         splits[split] = make_groups(split, cats, n[split], out, size, rng, graded_rng=(
             np.random.default_rng([seed, 3]) if split == "edpo_train" else None))
+    extra = (n["sfe_train"] if sfe_groups is None else sfe_groups) - n["sfe_train"]
+    if extra < 0:
+        raise ValueError(f"sfe_groups={sfe_groups}: at least the default {n['sfe_train']} "
+                         f"(SIZES x scale {scale})")
+    extra_cats = seen + list(EXTRA_CATEGORIES) if extra_categories else seen
+    splits["sfe_train"] += make_groups("sfe_train", extra_cats, extra, out, size,
+                                       np.random.default_rng([seed, 4]), first=n["sfe_train"])
     for split, recs in splits.items():
         write_jsonl(recs, out / f"{split}.jsonl")
     texts = set()
@@ -394,8 +409,10 @@ def generate(out: str | Path, seed: int = 0, size: int = 224, scale: float = 1.0
              for r in recs}
     write_jsonl([{"test_image": k, "facts": v, "source": "synthad"} for k, v in facts.items()],
                 out / "facts.jsonl")
-    manifest = {"seed": seed, "size": size, "scale": scale,
-                "categories": {"seen": [c.name for c in seen], "unseen": [c.name for c in unseen]},
-                "counts": {k: len(v) for k, v in splits.items()}}
+    categories = {"seen": [c.name for c in seen], "unseen": [c.name for c in unseen]}
+    if extra_categories and extra:  # only when used: the default manifest stays as it was
+        categories["extra"] = [c.name for c in EXTRA_CATEGORIES]
+    manifest = {"seed": seed, "size": size, "scale": scale, "sfe_groups": n["sfe_train"] + extra,
+                "categories": categories, "counts": {k: len(v) for k, v in splits.items()}}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest

@@ -2,13 +2,15 @@
 corpus.txt, facts.jsonl and manifest.json (see sage.data.synthad).
 
     python -m sage.tools.synthad --out data/synthad --seed 0 [--size 224] [--scale 1.0]
+        [--sfe_groups 900]    # a larger SFE training split, every other split unchanged
+        [--extra_categories]  # ... whose added groups also show 6 training-only categories
 """
 
 from __future__ import annotations
 
 import time
 
-from sage.data.synthad import generate
+from sage.data.synthad import EXTRA_CATEGORIES, generate
 from sage.tools.args import Parser, at_least, positive
 from sage.tools.errors import run_main
 
@@ -19,9 +21,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0, help="generator seed (deterministic)")
     p.add_argument("--size", type=at_least(1), default=224, help="image side in pixels")
     p.add_argument("--scale", type=positive(), default=1.0, help="multiplies every split's size")
+    p.add_argument("--sfe_groups", type=at_least(1), default=None,
+                   help="SFE training groups (5 questions each; default 300 x scale); those "
+                        "beyond the default are drawn after the rest, which stays the same")
+    p.add_argument("--extra_categories", action="store_true",
+                   help="the SFE groups beyond the default also cycle over the training-only "
+                        f"categories {', '.join(c.name for c in EXTRA_CATEGORIES)} (no effect "
+                        "without --sfe_groups above the default)")
     args = p.parse_args(argv)
     t = time.time()
-    manifest = generate(args.out, args.seed, args.size, args.scale)
+    manifest = generate(args.out, args.seed, args.size, args.scale, args.sfe_groups,
+                        args.extra_categories)
     print(f"SynthAD in {args.out}: {manifest['counts']} ({time.time() - t:.1f} s)")
 
 

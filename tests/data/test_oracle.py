@@ -49,11 +49,12 @@ def test_extract_decision(text, want):
 
 
 def test_every_synthad_answer_states_its_decision():
-    """SynthAD's own answer builders: every answer (A1..A4, the pretraining Yes/No answers)
-    resolves to the decision it closes with, and its evidence alone to none."""
+    """SynthAD's own answer builders, for every category (the extra ones too): every answer
+    (A1..A4, the pretraining Yes/No answers) resolves to the decision it closes with, and its
+    evidence alone to none."""
     rng = np.random.default_rng(0)
     n = 0
-    for cat in synthad.CATEGORIES:
+    for cat in (*synthad.CATEGORIES, *synthad.EXTRA_CATEGORIES):
         cases = [{"anomalous": False, "defect": None, "region": None}]
         for defect in synthad.DEFECTS:
             for region in synthad.REGIONS:

@@ -1,20 +1,24 @@
 """SynthAD: determinism, schema validity of every split, groups of 5 of one level, ranked
 answers (by the oracle judge; E-DPO's four distinct in score), unseen categories kept out of
-training, every split but edpo_train as it was before graded answers, and each question's
-normal_label. Run: python -m pytest -q tests/data/test_synthad.py"""
+training, every split but edpo_train as it was before graded answers, each question's
+normal_label, and the training-only extra categories (only in the added SFE groups, neutral
+to the judge, drawn with visible defects). Run: python -m pytest -q tests/data/test_synthad.py"""
 
 import hashlib
 import json
 import re
 from collections import defaultdict
 
+import numpy as np
 import pytest
 
 from sage.data import synthad
 from sage.data.oracle import extract_decision, oracle_scores
 from sage.data.prompts import FACT_PROMPTS
 from sage.data.schema import load_jsonl
-from sage.data.synthad import CAUSE, DEFECTS, LEVELS, REGIONS, UNSEEN, generate
+from sage.data.synthad import (CATEGORIES, CAUSE, DEFECTS, EXTRA_CATEGORIES, LEVELS, REGIONS,
+                               UNSEEN, generate)
+from sage.data.synthad_render import fixture, region_box, render
 
 SPLITS = ("sfe_train", "edpo_train", "test_seen", "test_unseen")
 
@@ -216,3 +220,136 @@ def test_normal_label_is_the_answer_for_a_normal_part(synth):
                 assert r["normal_label"] == r["label"], r["id"]
             n_differ += r["normal_label"] != r["label"]
     assert n_differ  # anomalous parts: most questions have another answer
+
+
+def test_more_sfe_groups_leave_every_other_split_as_it_was(synth, tmp_path):
+    """--sfe_groups adds SFE training groups from their own stream: the default groups, every
+    other split and their images stay byte for byte the same; the new groups are new pairs."""
+    big = tmp_path / "big"
+    n = json.loads((synth / "manifest.json").read_text())["counts"]["sfe_train"] // 5
+    m = generate(big, seed=0, scale=0.1, sfe_groups=n + 6)
+    assert m["counts"]["sfe_train"] == 5 * (n + 6) and m["sfe_groups"] == n + 6
+    for split in ("pretrain", *SPLITS[1:]):
+        assert (big / f"{split}.jsonl").read_bytes() == (synth / f"{split}.jsonl").read_bytes()
+    old = (synth / "sfe_train.jsonl").read_text()
+    assert (big / "sfe_train.jsonl").read_text().startswith(old)
+    new = load_jsonl(big / "sfe_train.jsonl", kind="qa", check_images=True)[5 * n:]
+    assert len({r["group"] for r in new}) == 6 and not {r["group"] for r in new} & set(old)
+    assert {r["category"] for r in new} <= {c.name for c in CATEGORIES} - set(UNSEEN)
+    for img in (synth / "images" / "sfe_train").iterdir():
+        assert (big / "images" / "sfe_train" / img.name).read_bytes() == img.read_bytes()
+    with pytest.raises(ValueError, match="sfe_groups=1: at least the default"):
+        generate(tmp_path / "small", seed=0, scale=0.1, sfe_groups=1)
+
+
+EXTRA = {c.name for c in EXTRA_CATEGORIES}
+
+
+@pytest.fixture(scope="module")
+def synth_extra(synth, tmp_path_factory):
+    """`synth` plus 24 SFE groups over the 6 seen and the 6 extra categories (two each)."""
+    out = tmp_path_factory.mktemp("synthad_extra")
+    n = json.loads((synth / "manifest.json").read_text())["counts"]["sfe_train"] // 5
+    generate(out, seed=0, scale=0.1, sfe_groups=n + 24, extra_categories=True)
+    return out
+
+
+def test_extra_categories_only_in_the_added_sfe_groups(synth, synth_extra):
+    manifest = json.loads((synth_extra / "manifest.json").read_text())
+    assert manifest["categories"] == {**json.loads((synth / "manifest.json").read_text())[
+        "categories"], "extra": [c.name for c in EXTRA_CATEGORIES]}
+    assert len(EXTRA) == len(EXTRA_CATEGORIES) >= 5 and not EXTRA & {c.name for c in CATEGORIES}
+    # every other split, the default SFE groups and their images: byte for byte as without
+    for split in ("pretrain", *SPLITS[1:]):
+        assert (synth_extra / f"{split}.jsonl").read_bytes() == (synth / f"{split}.jsonl"
+                                                                 ).read_bytes(), split
+    old = (synth / "sfe_train.jsonl").read_text()
+    assert (synth_extra / "sfe_train.jsonl").read_text().startswith(old)
+    for img in (synth / "images" / "sfe_train").iterdir():
+        assert (synth_extra / "images" / "sfe_train" / img.name).read_bytes() == img.read_bytes()
+    recs = load_jsonl(synth_extra / "sfe_train.jsonl", kind="qa", check_images=True)
+    new = recs[len(old.splitlines()):]
+    assert len(new) == 5 * 24
+    assert {r["category"] for r in new} == EXTRA | {c.name for c in CATEGORIES} - set(UNSEEN)
+    assert not EXTRA & {r["category"] for r in recs[:len(new)]}
+    assert {r["truth"]["anomalous"] for r in new if r["category"] in EXTRA} == {True, False}
+    assert any("gear" in line for line in (synth_extra / "corpus.txt").read_text().splitlines())
+
+
+def test_extra_categories_flag_alone_changes_nothing(tmp_path):
+    """Without SFE groups beyond the default, --extra_categories leaves every file as it was."""
+    for name, flag in (("off", False), ("on", True)):
+        generate(tmp_path / name, seed=0, scale=0.02, extra_categories=flag)
+    files = sorted(p.relative_to(tmp_path / "off") for p in (tmp_path / "off").rglob("*")
+                   if p.is_file())
+    assert files and files == sorted(p.relative_to(tmp_path / "on")
+                                     for p in (tmp_path / "on").rglob("*") if p.is_file())
+    for f in files:
+        assert (tmp_path / "on" / f).read_bytes() == (tmp_path / "off" / f).read_bytes(), f
+
+
+def test_extra_categories_answers_ranked_by_the_oracle(synth_extra):
+    """As test_answers_ranked_by_the_oracle, on the extra categories' records; and their names,
+    parts and colours are neutral to the judge: each answer scores as the same answer about a
+    washer (part "inner edge", colours silver / black)."""
+    recs = [r for r in load_jsonl(synth_extra / "sfe_train.jsonl", kind="qa")
+            if r["category"] in EXTRA]
+    assert len(recs) == 5 * 12
+    means = [0.0] * 4
+    for r in recs:
+        s = [sum(oracle_scores(a, r["truth"], r["label"], r["question"])) / 3
+             for a in r["answers"]]
+        assert s[0] > s[3], r["id"]
+        means = [m + x / len(recs) for m, x in zip(means, s)]
+    assert means[0] >= means[1] >= means[2] >= means[3], means
+    for cat in EXTRA_CATEGORIES:
+        truths = [{"anomalous": False, "defect": None, "region": None, "component": None}]
+        truths += [{"anomalous": True, "defect": d, "region": reg, "component": None}
+                   for d in DEFECTS[:5] for reg in REGIONS]
+        truths += [{"anomalous": True, "defect": "missing component", "region": reg,
+                    "component": comp} for comp, reg in cat.components]
+        for t in truths:
+            t = {**t, "colour": cat.variants[0][0], "reference_colour": cat.variants[1][0]}
+            plain = {**t, "colour": "silver", "reference_colour": "black",
+                     "component": t["component"] and "inner edge"}
+            for label in ("yes", "no"):
+                for build in (synthad.answers_for, synthad.graded_answers):
+                    ours = build(label, t, cat.name, np.random.default_rng(0))
+                    washer = build(label, plain, "washer", np.random.default_rng(0))
+                    assert [oracle_scores(a, t, label, "") for a in ours] == [
+                        oracle_scores(a, plain, label, "") for a in washer], ours
+
+
+def test_extra_categories_drawn_distinct_with_visible_defects():
+    """Each extra category: its 3 colour variants (so a colour deviation) and every other
+    category look different; each missing part and surface mark changes >= 100 pixels by more
+    than 30 (of 255) in its region, against the same shot without it (same station, pose and
+    lighting)."""
+    size = 224
+
+    def shot(cat, variant=0, **kw):
+        station = fixture(size, np.random.default_rng(0))
+        return np.asarray(render(cat, variant, size, np.random.default_rng(1), 1.0,
+                                 fixture=station, **kw), dtype=np.int16)
+
+    def changed(a, b, region=None):
+        """Pixels that moved by more than 30 in some channel, in `region` or the whole image."""
+        moved = np.abs(a - b).max(-1) > 30  # (H, W)
+        if region is not None:
+            x0, y0, x1, y1 = (round(v) for v in region_box(region, size))
+            moved = moved[y0:y1, x0:x1]
+        return int(moved.sum())
+
+    plain = {c.name: shot(c) for c in (*CATEGORIES, *EXTRA_CATEGORIES)}
+    for cat in EXTRA_CATEGORIES:
+        for other_name, img in plain.items():
+            if other_name != cat.name:
+                assert changed(plain[cat.name], img) > 2000, (cat.name, other_name)
+        for v in range(3):
+            base = shot(cat, v)
+            assert changed(base, shot(cat, (v + 1) % 3)) > 2000, (cat.name, v)
+            for comp, region in cat.components:
+                assert changed(base, shot(cat, v, missing=comp), region) >= 100, (cat.name, comp)
+            for defect in ("scratch", "hole", "crack", "stain"):
+                marked = shot(cat, v, defect=defect, region="center")
+                assert changed(base, marked, "center") >= 100, (cat.name, v, defect)
