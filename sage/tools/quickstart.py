@@ -14,6 +14,7 @@ Steps, each the documented command of its stage run in a subprocess from the che
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -25,6 +26,10 @@ from sage.tools.args import Parser, at_least, positive
 from sage.tools.errors import run_main
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: the stage scripts live at its top
+# SFE training groups (5 questions each) at scale 1: SynthAD's own 300; more are drawn after
+# the other splits, which stay as they are (900: +2.2 points over 3 seeds, within the spread;
+# docs/experiments.md, "More training images")
+SFE_GROUPS = 300
 EDPO_GLOBAL_BATCH = 16  # instances per E-DPO step (2 pairs, 4 sequences each): ~2.5 s on 2 cores
 
 
@@ -45,6 +50,20 @@ def run(cmd: list[str], log: Path) -> None:
     print(f"[{time.time() - t:.0f} s]", flush=True)
 
 
+def check_data(data: Path, groups: int) -> None:
+    """An existing SynthAD directory is used as it is; one made for another SFE size is an
+    error (never regenerated over: it may hold facts and judge scores)."""
+    manifest = data / "manifest.json"
+    try:
+        have = json.loads(manifest.read_text())["counts"]["sfe_train"] // 5
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"{manifest}: not a SynthAD manifest ({e}); move {data} aside")
+    if have != groups:
+        raise SystemExit(f"{manifest}: {have} SFE training groups where the quickstart asks "
+                         f"for {groups}: move {data} aside (it is never overwritten), pass "
+                         "another --data, or --sfe_groups to match")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = Parser(description=__doc__)
     p.add_argument("--data", default="data/synthad", help="SynthAD directory")
@@ -54,6 +73,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sfe_steps", type=at_least(1), default=200, help="Stage 1 optimizer steps")
     p.add_argument("--edpo_steps", type=at_least(1), default=30, help="Stage 2 optimizer steps")
     p.add_argument("--scale", type=positive(), default=1.0, help="SynthAD size multiplier")
+    p.add_argument("--sfe_groups", type=at_least(1), default=SFE_GROUPS,
+                   help="SFE training groups at scale 1 (multiplied by --scale)")
     p.add_argument("--fast", action="store_true", help="tiny sizes and 2 steps each (smoke)")
     args = p.parse_args(argv)
     if args.fast:
@@ -63,9 +84,12 @@ def main(argv: list[str] | None = None) -> None:
     log = out / "quickstart.log"
     t0 = time.time()
     limit = ["--limit", "20"] if args.fast else []
+    groups = max(8, round(args.sfe_groups * args.scale))  # 8: one group per category at least
     if not (data / "manifest.json").exists():
         run([py, "-m", "sage.tools.synthad", "--out", str(data), "--seed", str(args.seed),
-             "--scale", str(args.scale)], log)
+             "--scale", str(args.scale), "--sfe_groups", str(groups)], log)
+    else:
+        check_data(data, groups)
     for split in ("sfe_train", "edpo_train", "test_unseen"):
         run([py, "-m", "sage.tools.facts", "--data", str(data / f"{split}.jsonl"),
              "--out", str(data / "facts_base.jsonl"), "--model", args.base, "--fill",
