@@ -96,3 +96,13 @@ def test_inference_plan_shards_what_tensor_parallel_shards():
     p = plan_inference(cfg, tp=8, batch=16, prompt_len=2048, new_tokens=64)
     kv = 2 * 2 * 16 * 2112 * 60 * 1 * 128 / GIB  # k and v, bf16, 1 of 8 KV heads per rank
     assert [v for k, v, _ in p.rows if k.startswith("KV cache")] == [pytest.approx(kv)]
+
+
+def test_counts_are_the_models_parameters():
+    """count_params, which the plan is built on, counts what SageModel holds, module by module
+    (the tiny preset)."""
+    from sage.models.sage import SageModel
+    cfg = SageConfig.preset("tiny")
+    model, n = SageModel(cfg), count_params(cfg)
+    for name in ("vision", "adapter", "llm", "fusion", "fact_proj"):
+        assert n[name] == sum(p.numel() for p in getattr(model, name).parameters()), name

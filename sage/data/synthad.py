@@ -410,9 +410,9 @@ def generate(out: str | Path, seed: int = 0, size: int = 224, scale: float = 1.0
     write_jsonl([{"test_image": k, "facts": v, "source": "synthad"} for k, v in facts.items()],
                 out / "facts.jsonl")
     categories = {"seen": [c.name for c in seen], "unseen": [c.name for c in unseen]}
-    if extra_categories and extra:  # only when used: the default manifest stays as it was
+    if extra_categories and extra:  # only when used
         categories["extra"] = [c.name for c in EXTRA_CATEGORIES]
-    manifest = {"seed": seed, "size": size, "scale": scale, "sfe_groups": n["sfe_train"] + extra,
+    manifest = {"seed": seed, "size": size, "scale": scale,
                 "categories": categories, "counts": {k: len(v) for k, v in splits.items()}}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
