@@ -21,15 +21,12 @@ import sys
 import time
 from pathlib import Path
 
+from sage.data.synthad import CATEGORIES, SIZES
 from sage.runs import new_run_dir
 from sage.tools.args import Parser, at_least, positive
 from sage.tools.errors import run_main
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: the stage scripts live at its top
-# SFE training groups (5 questions each) at scale 1: SynthAD's own 300; more are drawn after
-# the other splits, which stay as they are (900: +2.2 points over 3 seeds, within the spread;
-# docs/experiments.md, "More training images")
-SFE_GROUPS = 300
 EDPO_GLOBAL_BATCH = 16  # instances per E-DPO step (2 pairs, 4 sequences each): ~2.5 s on 2 cores
 
 
@@ -73,7 +70,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sfe_steps", type=at_least(1), default=200, help="Stage 1 optimizer steps")
     p.add_argument("--edpo_steps", type=at_least(1), default=30, help="Stage 2 optimizer steps")
     p.add_argument("--scale", type=positive(), default=1.0, help="SynthAD size multiplier")
-    p.add_argument("--sfe_groups", type=at_least(1), default=SFE_GROUPS,
+    # more groups are drawn after the other splits, which stay as they are (900: +2.2 points
+    # over 3 seeds, within the spread; docs/experiments.md, "More training images")
+    p.add_argument("--sfe_groups", type=at_least(1), default=SIZES["sfe_train"],
                    help="SFE training groups at scale 1 (multiplied by --scale)")
     p.add_argument("--fast", action="store_true", help="tiny sizes and 2 steps each (smoke)")
     args = p.parse_args(argv)
@@ -84,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     log = out / "quickstart.log"
     t0 = time.time()
     limit = ["--limit", "20"] if args.fast else []
-    groups = max(8, round(args.sfe_groups * args.scale))  # 8: one group per category at least
+    groups = max(len(CATEGORIES), round(args.sfe_groups * args.scale))  # as sage.data.synthad
     if not (data / "manifest.json").exists():
         run([py, "-m", "sage.tools.synthad", "--out", str(data), "--seed", str(args.seed),
              "--scale", str(args.scale), "--sfe_groups", str(groups)], log)
