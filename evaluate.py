@@ -173,6 +173,8 @@ for name, model_dir in zip(names, args.model):
                               "question": ex["question"], "answer": answer,
                               "reference_answer": ex["answers"][0],
                               "decision": extract_decision(answer)})
+                if isinstance(ex.get("truth"), dict) and "defect" in ex["truth"]:
+                    local[-1]["defect"] = ex["truth"]["defect"]  # the report's by-type table
                 if part is not None:  # on disk as soon as it exists
                     part.write(json.dumps(local[-1]) + "\n")
             if part is not None:

@@ -13,6 +13,9 @@ A prediction is a dict with at least: id, group, level, label ("yes"/"no"), deci
     Always normal the same accuracy and Acc-G of a reference answerer that calls every part
                   normal (each record's `normal_label`, docs/design.md §6), computed from the
                   labels: the floor a model's accuracy must clear (`always_normal`)
+    by defect     accuracy per defect type of the pair asked about ("normal" for a normal
+                  part), where the predictions carry the record's `defect` (its truth): which
+                  kinds of defect a model finds, and whether the reference helps with them
 
     m = summarize(preds); print(m["accuracy"]["average"], m["acc_g"]["overall"])
 """
@@ -69,6 +72,22 @@ def group_accuracy(preds: list[dict], group_size: int | None = None) -> dict:
     return out
 
 
+NORMAL = "normal"
+
+
+def accuracy_by_defect(preds: list[dict]) -> dict | None:
+    """{defect type: {"accuracy": %, "n": questions}}, "normal" first and the types in name
+    order, over the predictions that carry a `defect` key (None or "" = a normal part); None
+    when none does (data without structured truth)."""
+    by = defaultdict(list)
+    for p in preds:
+        if "defect" in p:
+            by[p["defect"] or NORMAL].append(is_correct(p))
+    order = sorted(by, key=lambda d: (d != NORMAL, d))
+    return {d: {"accuracy": 100.0 * sum(by[d]) / len(by[d]), "n": len(by[d])}
+            for d in order} or None
+
+
 def mle_means(preds: list[dict]) -> dict | None:
     """Mean MLE sub-scores over the predictions the judge scored, with "n_scored" and
     "n_failed" (answers the judge could not score: `mle_failure` set); the means are None
@@ -102,6 +121,7 @@ def summarize(preds: list[dict], group_size: int | None = None) -> dict:
         "acc_g": group_accuracy(preds, group_size),
         "mle": mle_means(preds),
         "sbert": sum(sb) / len(sb) if sb else None,
+        "by_defect": accuracy_by_defect(preds),
     }
 
 
@@ -174,4 +194,27 @@ def format_report(results: dict, settings: list[str], references: dict | None = 
             lines.append(f"| {model} | {s} | " + " | ".join(
                 _fmt_mle(m, k) for k in ("type", "location", "logic", "score"))
                 + f" | {_fmt(per[s]['sbert'])} |")
+    lines += by_defect_table(results, settings)
     return "\n".join(lines) + "\n"
+
+
+def by_defect_table(results: dict, settings: list[str]) -> list[str]:
+    """Report lines: accuracy per defect type, a row per model and setting, the question
+    counts in the header; [] when no prediction carries its record's defect type."""
+    types = {}
+    for per in results.values():
+        for s in settings:
+            for d, v in (per[s].get("by_defect") or {}).items():
+                types.setdefault(d, v["n"])
+    if not types:
+        return []
+    lines = ["", "## Accuracy (%) by defect type of the pair", "",
+             "| Model | Setting | " + " | ".join(f"{d} ({n})" for d, n in types.items()) + " |",
+             "|---|---|" + "---|" * len(types)]
+    for model, per in results.items():
+        for s in settings:
+            row = per[s].get("by_defect") or {}
+            lines.append(f"| {model} | {s} | " + " | ".join(
+                _fmt(row[d]["accuracy"]) if d in row else "–" for d in types) + " |")
+    return lines + ["", "Question counts in brackets; a question about a normal part counts "
+                    "under normal."]

@@ -156,3 +156,23 @@ def test_report_reference_row_in_table_1_only():
     assert text.count("Always normal (reference)") == 1  # not in Table 2
     assert "Acc-G groups: 1 × 5 questions." in text  # the models' groups only
     assert "reference" not in format_report({"SFE": {x: s for x in settings}}, settings)
+
+
+def test_accuracy_by_defect_type_and_its_table():
+    preds = [pred("a", "standard", "yes", "yes", defect="hole", i=0),
+             pred("a", "standard", "no", "yes", defect="hole", i=1),
+             pred("b", "standard", "no", "no", defect=None, i=0),
+             pred("c", "standard", "yes", None, defect="colour deviation", i=0)]
+    by = summarize(preds)["by_defect"]
+    assert list(by) == ["normal", "colour deviation", "hole"]  # normal first, then by name
+    assert by == {"normal": {"accuracy": 100.0, "n": 1},
+                  "colour deviation": {"accuracy": 0.0, "n": 1},  # no decision: wrong
+                  "hole": {"accuracy": 50.0, "n": 2}}
+    assert summarize([pred("g", "standard", "yes", "yes")])["by_defect"] is None
+    text = format_report({"SFE": {"zero-shot": summarize(preds),
+                                  "one-shot": summarize(preds[:2])}}, ["zero-shot", "one-shot"])
+    assert "| Model | Setting | normal (1) | colour deviation (1) | hole (2) |" in text
+    assert "| SFE | zero-shot | 100.00 | 0.00 | 50.00 |" in text
+    assert "| SFE | one-shot | – | – | 50.00 |" in text
+    plain = summarize([pred("g", "standard", "yes", "yes")])
+    assert "by defect type" not in format_report({"M": {"zero-shot": plain}}, ["zero-shot"])

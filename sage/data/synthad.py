@@ -212,8 +212,12 @@ def questions_for(level: str, t: dict, cat: Category, rng: np.random.Generator):
 
 # ----------------------------------------------------------------------------- generation
 
-def sample_pair(cat: Category, rng: np.random.Generator, size: int, anomalous: bool):
-    """-> (test image, reference image, truth)."""
+def sample_pair(cat: Category, rng: np.random.Generator, size: int, anomalous: bool,
+                p_shared_mark: float = 0.0):
+    """-> (test image, reference image, truth). With probability `p_shared_mark` both shots
+    carry the same surface mark (truth["shared_mark"]), away from the defect's region: the
+    reference shows it, so it belongs to the product and only the comparison tells whether
+    the test part is normal. With `p_shared_mark` 0 nothing more is drawn from `rng`."""
     v = int(rng.integers(len(cat.variants)))
     scale = float(rng.choice([0.9, 1.0]))
     truth = {"anomalous": anomalous, "defect": None, "region": None,
@@ -235,19 +239,26 @@ def sample_pair(cat: Category, rng: np.random.Generator, size: int, anomalous: b
         else:
             truth["region"] = REGIONS[int(rng.integers(9))]
             kw.update(defect=defect, region=truth["region"])
+    mark = None
+    if p_shared_mark > 0 and rng.random() < p_shared_mark:
+        region = other(rng, REGIONS, truth["region"])
+        mark = (SURFACE_MARKS[int(rng.integers(len(SURFACE_MARKS)))], region,
+                int(rng.integers(2 ** 31)))
+        truth["shared_mark"] = f"{mark[0]} at the {region}"
     station = fixture(size, rng)
-    test = render(cat, v, size, rng, scale, fixture=station, **kw)
-    ref = render(cat, v, size, rng, scale, fixture=station)
+    test = render(cat, v, size, rng, scale, fixture=station, mark=mark, **kw)
+    ref = render(cat, v, size, rng, scale, fixture=station, mark=mark)
     return test, ref, truth
 
 
 def make_groups(split: str, cats: list[Category], n_groups: int, out: Path, size: int,
                 rng: np.random.Generator, p_anomalous: float = 0.5,
-                graded_rng: np.random.Generator | None = None, first: int = 0) -> list[dict]:
+                graded_rng: np.random.Generator | None = None, first: int = 0,
+                p_shared_mark: float = 0.0) -> list[dict]:
     """n_groups test/reference pairs, 5 QA records each, numbered from `first`. With
     `graded_rng` the ranked answers are `graded_answers`, drawn from it (the E-DPO split);
     `answers_for` still draws from `rng`, so that every later split comes out as it did before
-    graded answers existed."""
+    graded answers existed. `p_shared_mark`: see `sample_pair`."""
     records = []
     img_dir = out / "images" / split
     img_dir.mkdir(parents=True, exist_ok=True)
@@ -255,7 +266,8 @@ def make_groups(split: str, cats: list[Category], n_groups: int, out: Path, size
     anomalous = rng.permutation([True] * n_anom + [False] * (n_groups - n_anom))
     for g in range(first, first + n_groups):
         cat = cats[g % len(cats)]
-        test, ref, truth = sample_pair(cat, rng, size, bool(anomalous[g - first]))
+        test, ref, truth = sample_pair(cat, rng, size, bool(anomalous[g - first]),
+                                       p_shared_mark)
         gid = f"synth-{split}-{cat.name}-{g:05d}"
         test.save(img_dir / f"{gid}.png")
         ref.save(img_dir / f"{gid}_ref.png")
@@ -273,7 +285,8 @@ def make_groups(split: str, cats: list[Category], n_groups: int, out: Path, size
                 "answers": answers, "label": label, "normal_label": normal,
                 "facts": facts,
                 "truth": {k: truth[k] for k in ("anomalous", "defect", "region", "variant",
-                                                "reference_variant")}})
+                                                "reference_variant", "shared_mark")
+                          if k in truth}})
     return records
 
 
@@ -372,12 +385,18 @@ SIZES = {"pretrain": 700, "sfe_train": 300, "edpo_train": 100, "test_seen": 40,
 
 
 def generate(out: str | Path, seed: int = 0, size: int = 224, scale: float = 1.0,
-             sfe_groups: int | None = None, extra_categories: bool = False) -> dict:
+             sfe_groups: int | None = None, extra_categories: bool = False,
+             shared_marks: float = 0.0) -> dict:
     """Write every split into `out`; -> the manifest. `sfe_groups` (default SIZES x scale)
     sets the SFE training split's size: groups beyond the default come from their own random
     stream after the others, so every other split (and the first groups) stays as it is.
     `extra_categories`: those extra groups cycle over the seen and the EXTRA_CATEGORIES (never
-    an unseen one); the manifest lists the extra ones under categories["extra"]."""
+    an unseen one); the manifest lists the extra ones under categories["extra"].
+    `shared_marks`: the share of those extra pairs whose test and reference carry the same
+    surface mark (`sample_pair`), normal and anomalous pairs alike, so that a mark alone does
+    not tell the label; the manifest records it when used."""
+    if not 0 <= shared_marks <= 1:
+        raise ValueError(f"shared_marks={shared_marks}: a share between 0 and 1")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -397,7 +416,8 @@ def generate(out: str | Path, seed: int = 0, size: int = 224, scale: float = 1.0
                          f"(SIZES x scale {scale})")
     extra_cats = seen + list(EXTRA_CATEGORIES) if extra_categories else seen
     splits["sfe_train"] += make_groups("sfe_train", extra_cats, extra, out, size,
-                                       np.random.default_rng([seed, 4]), first=n["sfe_train"])
+                                       np.random.default_rng([seed, 4]), first=n["sfe_train"],
+                                       p_shared_mark=shared_marks)
     for split, recs in splits.items():
         write_jsonl(recs, out / f"{split}.jsonl")
     texts = set()
@@ -414,5 +434,7 @@ def generate(out: str | Path, seed: int = 0, size: int = 224, scale: float = 1.0
         categories["extra"] = [c.name for c in EXTRA_CATEGORIES]
     manifest = {"seed": seed, "size": size, "scale": scale,
                 "categories": categories, "counts": {k: len(v) for k, v in splits.items()}}
+    if shared_marks and extra:  # only when used
+        manifest["shared_marks"] = shared_marks
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest

@@ -386,12 +386,14 @@ def draw_defect(img: Image.Image, defect: str, region: str, rng: np.random.Gener
 def render(cat: Category, variant: int, size: int, rng: np.random.Generator, scale: float,
            defect: str | None = None, region: str | None = None,
            missing: str | None = None, colour_variant: int | None = None,
-           fixture: dict | None = None, defect_rng: np.random.Generator | None = None
-           ) -> Image.Image:
+           fixture: dict | None = None, defect_rng: np.random.Generator | None = None,
+           mark: tuple[str, str, int] | None = None) -> Image.Image:
     """One product photo: pose / lighting jitter, optional defect. `fixture` (from
     `fixture()`) places several shots on one bench and pose, each with the small SHOT_JITTER.
     `defect_rng` draws the defect's shape instead of `rng` (the pretrain split's marks, so
-    that `rng` makes the same draws with and without them)."""
+    that `rng` makes the same draws with and without them). `mark` = (type, region, seed): a
+    surface mark drawn from its own seed, so two shots given the same mark show the same one
+    (a feature of this product that the reference shows too); it draws nothing from `rng`."""
     rgb = cat.variants[variant if colour_variant is None else colour_variant][1]
     if fixture is None:  # a single shot; its draw order keeps the pretrain split unchanged
         img = background(size, rng)
@@ -405,6 +407,8 @@ def render(cat: Category, variant: int, size: int, rng: np.random.Generator, sca
         scale *= fixture["scale"] * rng.uniform(1 - j, 1 + j)
         bright = fixture["bright"] * rng.uniform(1 - 3 * j, 1 + 3 * j)
     draw_object(img, cat, rgb, scale, offset, missing, bright=bright)
+    if mark is not None:
+        draw_defect(img, mark[0], mark[1], np.random.default_rng(mark[2]))
     if defect in ("scratch", "hole", "crack", "stain"):
         draw_defect(img, defect, region, rng if defect_rng is None else defect_rng)
     return img.filter(ImageFilter.GaussianBlur(0.5))

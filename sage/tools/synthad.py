@@ -4,6 +4,7 @@ corpus.txt, facts.jsonl and manifest.json (see sage.data.synthad).
     python -m sage.tools.synthad --out data/synthad --seed 0 [--size 224] [--scale 1.0]
         [--sfe_groups 900]    # a larger SFE training split, every other split unchanged
         [--extra_categories]  # ... whose added groups also show 6 training-only categories
+        [--shared_marks 0.5]  # ... half of whose pairs show one mark on test and reference alike
 """
 
 from __future__ import annotations
@@ -28,10 +29,16 @@ def main(argv: list[str] | None = None) -> None:
                    help="the SFE groups beyond the default also cycle over the training-only "
                         f"categories {', '.join(c.name for c in EXTRA_CATEGORIES)} (no effect "
                         "without --sfe_groups above the default)")
+    p.add_argument("--shared_marks", type=at_least(0.0, float), default=0.0,
+                   help="share (0-1) of the SFE pairs beyond the default whose test and "
+                        "reference both carry the same surface mark: part of the product, "
+                        "so only the comparison tells the label")
     args = p.parse_args(argv)
+    if args.shared_marks > 1:
+        p.error(f"--shared_marks {args.shared_marks}: a share between 0 and 1")
     t = time.time()
     manifest = generate(args.out, args.seed, args.size, args.scale, args.sfe_groups,
-                        args.extra_categories)
+                        args.extra_categories, args.shared_marks)
     print(f"SynthAD in {args.out}: {manifest['counts']} ({time.time() - t:.1f} s)")
 
 

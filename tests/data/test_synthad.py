@@ -353,3 +353,44 @@ def test_extra_categories_drawn_distinct_with_visible_defects():
             for defect in ("scratch", "hole", "crack", "stain"):
                 marked = shot(cat, v, defect=defect, region="center")
                 assert changed(base, marked, "center") >= 100, (cat.name, v, defect)
+
+
+def test_shared_marks_only_in_the_added_groups_and_alike_on_test_and_reference(synth, tmp_path):
+    """--shared_marks: every split and the default SFE groups stay byte for byte; among the
+    added groups, normal and anomalous pairs both carry marks (so a mark does not tell the
+    label), each named in truth away from the defect's region, and drawn the same on the
+    test and the reference shot (the difference of a normal pair is no larger than without
+    the mark)."""
+    n = json.loads((synth / "manifest.json").read_text())["counts"]["sfe_train"] // 5
+    out = tmp_path / "marks"
+    m = generate(out, seed=0, scale=0.1, sfe_groups=n + 40, shared_marks=0.5)
+    assert m["shared_marks"] == 0.5
+    for split in ("pretrain", *SPLITS[1:]):
+        assert (out / f"{split}.jsonl").read_bytes() == (synth / f"{split}.jsonl").read_bytes()
+    assert (out / "sfe_train.jsonl").read_text().startswith((synth / "sfe_train.jsonl").read_text())
+    recs = load_jsonl(out / "sfe_train.jsonl", kind="qa", check_images=True)
+    groups = {r["group"]: r for r in recs}
+    marked = [r for r in groups.values() if "shared_mark" in r["truth"]]
+    assert all(int(g[-5:]) >= n for g in (r["group"] for r in marked))
+    assert {r["truth"]["anomalous"] for r in marked} == {True, False}
+    assert 10 <= len(marked) <= 30
+    for r in marked:
+        kind, region = r["truth"]["shared_mark"].split(" at the ")
+        assert kind in synthad.SURFACE_MARKS and region in REGIONS
+        assert region != r["truth"]["region"]
+    size = 224
+    cat, station = CATEGORIES[0], fixture(size, np.random.default_rng(0))
+
+    def shot(seed, mark=None):
+        return np.asarray(render(cat, 0, size, np.random.default_rng(seed), 1.0,
+                                 fixture=station, mark=mark), dtype=np.int16)
+
+    mark = ("hole", "top-left", 7)
+    x0, y0, x1, y1 = (round(v) for v in region_box("top-left", size))
+    box = lambda a: a[y0:y1, x0:x1]  # noqa: E731
+    assert (np.abs(box(shot(1, mark)) - box(shot(1))).max(-1) > 30).sum() >= 100  # visible
+    pair = np.abs(box(shot(1, mark)) - box(shot(2, mark))).max(-1) > 30
+    plain = np.abs(box(shot(1)) - box(shot(2))).max(-1) > 30
+    assert pair.sum() <= plain.sum() + 20  # the same mark on both shots cancels out
+    with pytest.raises(ValueError, match="shared_marks=1.5"):
+        generate(tmp_path / "bad", seed=0, scale=0.1, shared_marks=1.5)
