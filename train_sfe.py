@@ -47,6 +47,9 @@ p.add_argument("--fusion", choices=["default", "literal"], default="default",
                     "Eq. 9 as written (sage.config.LITERAL_FUSION)")
 p.add_argument("--n_facts", type=int, default=None, help="N fact tokens (Eq. 2); None: --init's")
 p.add_argument("--top_k", type=int, default=None, help="K selected patches (Eq. 1); None: --init's")
+p.add_argument("--comparison", choices=["test", "both"], default=None,
+               help="test: Eq. 1's test patches least matched in the reference; both: also the "
+                    "reference patches least matched in the test (missing parts); None: --init's")
 # data
 p.add_argument("--data", default="data/synthad", help="data root holding the JSONL splits")
 p.add_argument("--split", default="sfe_train", help="JSONL split")
@@ -63,7 +66,7 @@ RECIPES = {"paper": dict(lr=2e-6, warmup=1000, max_steps=5000),
            "tiny": dict(lr=1e-3, warmup=30, max_steps=300)}
 # The config is built once: the flags replace fields of --init's config, and
 # SageConfig.__post_init__ checks them (e.g. --top_k beyond the image tokens) before any work.
-overrides = {"n_facts": args.n_facts, "top_k": args.top_k,
+overrides = {"n_facts": args.n_facts, "top_k": args.top_k, "comparison": args.comparison,
              "system_message": args.system_message,
              **(LITERAL_FUSION if args.fusion == "literal" else {})}
 try:

@@ -145,6 +145,9 @@ class SageConfig:
     fusion_init: str = "fan_in"  # fusion W_q/k/v/o ~ N(0, 1/C) ("fan_in") or N(0, 0.02^2)
     fact_head_init: float = 1e-3  # std of the Eq. 9 head Linear's weight at init (0: zeros)
     fusion_values: str = "difference"  # one-shot values v_d; "test": v_t[idx] (Eq. 2)
+    # "test": Eq. 1's K test patches least matched in the reference; "both": also the K
+    # reference patches least matched in the test (a part missing from the test shows there)
+    comparison: str = "test"
     # The system turn of the Hermes-2 template, rendered always as InternVL does
     # (docs/design.md §5):
     # InternVL's own message by default; None = no system turn (the committed tiny base).
@@ -181,6 +184,8 @@ class SageConfig:
                f"SageConfig: fusion_norm={self.fusion_norm!r} ('pre'/'none'), fusion_init="
                f"{self.fusion_init!r} ('fan_in'/'small'), fusion_values={self.fusion_values!r} "
                f"('test'/'difference'), fact_head_init={self.fact_head_init} (>= 0)")
+        _check(self.comparison in ("test", "both"),
+               f"SageConfig.comparison={self.comparison!r}: expected 'test' or 'both'")
 
     @property
     def facts_needed(self) -> int:

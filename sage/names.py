@@ -175,7 +175,7 @@ VISION_SECTION, LLM_SECTION, FORCE_IMAGE_SIZE = "vision_config", "llm_config", "
 SAGE_SECTION = "sage_config"
 SAGE_FIELD_NAMES = ("adapter_norm_eps", "n_facts", "top_k", "fusion_heads", "max_fact_tokens",
                     "selection", "facts_mode", "fusion_norm", "fusion_init", "fact_head_init",
-                    "fusion_values", "system_message")
+                    "fusion_values", "comparison", "system_message")
 # InternVL's configuration class (InternVLChatConfig) repeats two LLM values at the top level;
 # they are checked against llm_config, never a second source, and written the same way.
 REPEATED_KEYS = ("hidden_size", "tie_word_embeddings")

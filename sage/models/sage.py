@@ -28,7 +28,8 @@ from sage.config import SageConfig
 from sage.kernels import topk_cosine
 from sage.losses import IGNORE_INDEX, sequence_logprobs
 from sage.models.adapter import Adapter, pixel_shuffle
-from sage.models.fusion import FactProjection, FusionAttention, difference_features
+from sage.models.fusion import (FactProjection, FusionAttention, difference_features,
+                                 gather_tokens)
 from sage.models.intern_vit import InternViT
 from sage.models.llama import Llama
 from sage.names import INTERNVL_KEY_MAP, PLAIN_VLM_KEY_MAP
@@ -152,7 +153,12 @@ class SageModel(nn.Module):
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Steps 2-3: Eq. 2's inputs -> (t^g (B, N, C), keys (B, K, C), values (B, K, C),
         key_mask (B, K) or None). One-shot: keys v_d and values v_t[idx] (or v_d with
-        cfg.fusion_values "difference"); zero-shot (paper §5.1): keys = values = all v_t."""
+        cfg.fusion_values "difference"); zero-shot (paper §5.1): keys = values = all v_t.
+
+        cfg.comparison "both" (a departure from Eq. 1, which looks one way): 2K keys, the K
+        test patches least matched in the reference and then the K reference patches least
+        matched in the test, each as test minus reference (v_t[nn] - v_r[i]; values v_t[nn]
+        with fusion_values "test"), so that what the test lacks, a missing part, is seen too."""
         t_g = self.embed_facts(batch["fact_ids"], batch["fact_mask"])  # (B, N, C)
         v_t, t_mask = split_by_tiles(v_t_tiles, batch["tiles_test"])  # (B, P, C)
         if batch.get("pixel_ref") is None:
@@ -161,6 +167,11 @@ class SageModel(nn.Module):
                                      batch["tiles_ref"])  # (B, R, C)
         idx, _, ref_idx = self.select(v_t, v_r, t_mask, r_mask)  # (B, K) each
         v_d, v_sel = difference_features(v_t, v_r, idx, ref_idx)  # (B, K, C) each
+        if self.cfg.comparison == "both":  # Eq. 1 the other way: reference patches, test nn
+            r_idx, _, t_nn = self.select(v_r, v_t, r_mask, t_mask)  # (B, K) each
+            v_back, _ = difference_features(v_r, v_t, r_idx, t_nn)  # v_r[i] - v_t[nn]
+            v_d = torch.cat([v_d, -v_back], 1)  # (B, 2K, C), test minus reference
+            v_sel = torch.cat([v_sel, gather_tokens(v_t, t_nn)], 1)  # (B, 2K, C)
         return t_g, v_d, v_d if self.cfg.fusion_values == "difference" else v_sel, None
 
     def fact_tokens(self, v_t_tiles: torch.Tensor, batch: dict) -> torch.Tensor:

@@ -67,8 +67,9 @@ def test_forward_shapes_all_modes(tok, gen, mode, one_shot):
     assert torch.isfinite(loss_sum).all() and (n_tok > 0).all()
 
 
-def test_multi_tile_images_and_mixed_tile_counts(tok, gen):
-    model = build(tok)
+@pytest.mark.parametrize("comparison", ["test", "both"])
+def test_multi_tile_images_and_mixed_tile_counts(tok, gen, comparison):
+    model = build(tok, comparison=comparison)
     exs = [example(0, gen, tiles=3, ref_tiles=2), example(1, gen, tiles=1, ref_tiles=1)]
     batch = Collator(tok, model.cfg)(exs)
     assert (batch["input_ids"][0] == tok.img_context_id).sum() == 12  # 3 tiles x 4 tokens
@@ -112,6 +113,39 @@ def test_zero_shot_uses_all_test_tokens_as_keys_and_values(tok, gen):
     v_t = model.encode_images(batch["pixel_test"])  # (1, 4, C)
     torch.testing.assert_close(seen["keys"], v_t)
     assert seen["values"] is seen["keys"]
+
+
+@pytest.mark.parametrize("values", ["difference", "test"])
+def test_comparison_both_adds_the_reference_patches_least_matched_in_the_test(tok, gen, values):
+    """comparison 'both': keys = Eq. 1's K one-way differences, then K from the reference
+    side, each test minus reference; a reference token the test lacks is the first chosen."""
+    one, both = (build(tok, comparison=c, fusion_values=values) for c in ("test", "both"))
+    both.load_state_dict(one.state_dict())
+    batch = Collator(tok, one.cfg)([example(i, gen) for i in range(2)])
+    v = one.encode_images(batch["pixel_test"])
+    t_g, k1, v1, _ = one.fusion_inputs(v, batch)
+    t_g2, k2, v2, mask = both.fusion_inputs(v, batch)
+    K = one.cfg.top_k
+    assert k2.shape == (2, 2 * K, k1.shape[-1]) and mask is None
+    torch.testing.assert_close(k2[:, :K], k1)
+    torch.testing.assert_close(v2[:, :K], v1)
+    v_t, v_r = v, one.encode_images(batch["pixel_ref"])  # 1 tile each: (2, 4, C)
+    r_idx, _, t_nn = one.select(v_r, v_t, torch.ones(2, 4, dtype=torch.bool),
+                                torch.ones(2, 4, dtype=torch.bool))
+    for b in range(2):
+        torch.testing.assert_close(k2[b, K:], v_t[b, t_nn[b]] - v_r[b, r_idx[b]])
+        torch.testing.assert_close(v2[b, K:], k2[b, K:] if values == "difference"
+                                   else v_t[b, t_nn[b]])
+    # a test that lacks reference token 2 (token 3 drawn in its place, the rest the same):
+    # every test token has its exact match (one way sees nothing), the other way finds it
+    v_r1 = torch.randn(1, 4, 8, generator=gen)
+    v_t1 = v_r1[:, [0, 1, 3, 3]]
+    _, s_fwd, _ = one.select(v_t1, v_r1, torch.ones(1, 4, dtype=torch.bool),
+                             torch.ones(1, 4, dtype=torch.bool))
+    r_idx1, _, _ = one.select(v_r1, v_t1, torch.ones(1, 4, dtype=torch.bool),
+                              torch.ones(1, 4, dtype=torch.bool))
+    torch.testing.assert_close(s_fwd, torch.ones_like(s_fwd))
+    assert r_idx1[0, 0] == 2
 
 
 def test_placeholder_count_mismatch_is_a_clear_error(tok, gen):
