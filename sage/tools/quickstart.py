@@ -47,18 +47,25 @@ def run(cmd: list[str], log: Path) -> None:
     print(f"[{time.time() - t:.0f} s]", flush=True)
 
 
-def check_data(data: Path, groups: int) -> None:
-    """An existing SynthAD directory is used as it is; one made for another SFE size is an
-    error (never regenerated over: it may hold facts and judge scores)."""
+def check_data(data: Path, groups: int, shared_marks: float = 0.0) -> None:
+    """An existing SynthAD directory is used as it is; one made for another SFE size or
+    share of shared marks is an error (never regenerated over: it may hold facts and judge
+    scores)."""
     manifest = data / "manifest.json"
     try:
-        have = json.loads(manifest.read_text())["counts"]["sfe_train"] // 5
+        m = json.loads(manifest.read_text())
+        have, marks = m["counts"]["sfe_train"] // 5, float(m.get("shared_marks", 0.0))
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise SystemExit(f"{manifest}: not a SynthAD manifest ({e}); move {data} aside")
-    if have != groups:
-        raise SystemExit(f"{manifest}: {have} SFE training groups where the quickstart asks "
-                         f"for {groups}: move {data} aside (it is never overwritten), pass "
-                         "another --data, or --sfe_groups to match")
+    # a share of the added groups only: without added groups it draws nothing
+    default = max(len(CATEGORIES), round(SIZES["sfe_train"] * float(m.get("scale", 1.0))))
+    want_marks = shared_marks if groups > default else 0.0
+    for what, got, want, flag in (("SFE training groups", have, groups, "--sfe_groups"),
+                                  ("shared marks", marks, want_marks, "--shared_marks")):
+        if got != want:
+            raise SystemExit(f"{manifest}: {got} {what} where the quickstart asks for {want}: "
+                             f"move {data} aside (it is never overwritten), pass another "
+                             f"--data, or {flag} to match")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -74,8 +81,13 @@ def main(argv: list[str] | None = None) -> None:
     # over 3 seeds, within the spread; docs/experiments.md, "More training images")
     p.add_argument("--sfe_groups", type=at_least(1), default=SIZES["sfe_train"],
                    help="SFE training groups at scale 1 (multiplied by --scale)")
+    p.add_argument("--shared_marks", type=at_least(0.0, float), default=0.0,
+                   help="share of the added SFE pairs with one mark on test and reference alike "
+                        "(python -m sage.tools.synthad --shared_marks)")
     p.add_argument("--fast", action="store_true", help="tiny sizes and 2 steps each (smoke)")
     args = p.parse_args(argv)
+    if args.shared_marks > 1:
+        p.error(f"--shared_marks {args.shared_marks}: a share between 0 and 1")
     if args.fast:
         args.sfe_steps, args.edpo_steps, args.scale = 2, 2, 0.05
     py, out, data = sys.executable, Path(args.out), Path(args.data)
@@ -86,9 +98,10 @@ def main(argv: list[str] | None = None) -> None:
     groups = max(len(CATEGORIES), round(args.sfe_groups * args.scale))  # as sage.data.synthad
     if not (data / "manifest.json").exists():
         run([py, "-m", "sage.tools.synthad", "--out", str(data), "--seed", str(args.seed),
-             "--scale", str(args.scale), "--sfe_groups", str(groups)], log)
+             "--scale", str(args.scale), "--sfe_groups", str(groups),
+             "--shared_marks", str(args.shared_marks)], log)
     else:
-        check_data(data, groups)
+        check_data(data, groups, args.shared_marks)
     for split in ("sfe_train", "edpo_train", "test_unseen"):
         run([py, "-m", "sage.tools.facts", "--data", str(data / f"{split}.jsonl"),
              "--out", str(data / "facts_base.jsonl"), "--model", args.base, "--fill",
