@@ -384,6 +384,11 @@ SIZES = {"pretrain": 700, "sfe_train": 300, "edpo_train": 100, "test_seen": 40,
          "test_unseen": 40}  # images (pretrain) or groups of 5 questions, at scale 1
 
 
+def scaled(groups: int, scale: float) -> int:
+    """A split's size at `scale`: never fewer than one group per category."""
+    return max(len(CATEGORIES), int(round(groups * scale)))
+
+
 def generate(out: str | Path, seed: int = 0, size: int = 224, scale: float = 1.0,
              sfe_groups: int | None = None, extra_categories: bool = False,
              shared_marks: float = 0.0) -> dict:
@@ -402,7 +407,7 @@ def generate(out: str | Path, seed: int = 0, size: int = 224, scale: float = 1.0
     rng = np.random.default_rng(seed)
     seen = [c for c in CATEGORIES if c.name not in UNSEEN]
     unseen = [c for c in CATEGORIES if c.name in UNSEEN]
-    n = {k: max(len(CATEGORIES), int(round(v * scale))) for k, v in SIZES.items()}
+    n = {k: scaled(v, scale) for k, v in SIZES.items()}
     splits = {"pretrain": make_pretrain(list(CATEGORIES), n["pretrain"], out, size, rng,
                                         np.random.default_rng([seed, 1]),
                                         np.random.default_rng([seed, 2]))}

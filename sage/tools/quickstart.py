@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from sage.data.synthad import CATEGORIES, SIZES
+from sage.data.synthad import SIZES, scaled
 from sage.runs import new_run_dir
 from sage.tools.args import Parser, at_least, positive
 from sage.tools.errors import run_main
@@ -55,10 +55,10 @@ def check_data(data: Path, groups: int, shared_marks: float = 0.0) -> None:
     try:
         m = json.loads(manifest.read_text())
         have, marks = m["counts"]["sfe_train"] // 5, float(m.get("shared_marks", 0.0))
+        default = scaled(SIZES["sfe_train"], float(m.get("scale", 1.0)))
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise SystemExit(f"{manifest}: not a SynthAD manifest ({e}); move {data} aside")
     # a share of the added groups only: without added groups it draws nothing
-    default = max(len(CATEGORIES), round(SIZES["sfe_train"] * float(m.get("scale", 1.0))))
     want_marks = shared_marks if groups > default else 0.0
     for what, got, want, flag in (("SFE training groups", have, groups, "--sfe_groups"),
                                   ("shared marks", marks, want_marks, "--shared_marks")):
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     log = out / "quickstart.log"
     t0 = time.time()
     limit = ["--limit", "20"] if args.fast else []
-    groups = max(len(CATEGORIES), round(args.sfe_groups * args.scale))  # as sage.data.synthad
+    groups = scaled(args.sfe_groups, args.scale)  # as sage.data.synthad
     if not (data / "manifest.json").exists():
         run([py, "-m", "sage.tools.synthad", "--out", str(data), "--seed", str(args.seed),
              "--scale", str(args.scale), "--sfe_groups", str(groups),
