@@ -173,7 +173,9 @@ def test_bad_arguments_of_the_scripts(synth, tmp_path, args, names):
     ("mle", ["--data", "x.jsonl", "--judge", "oracle", "--workers", "0"],
      ["argument --workers: 0 must be >= 1"]),
     ("synthad", ["--out", "x", "--scale", "0"], ["argument --scale: 0 must be > 0"]),
-    ("synthad", ["--out", "x", "--shared_marks", "1.5"], ["--shared_marks 1.5: a share between"]),
+    ("synthad", ["--out", "x", "--shared_marks", "1.5"],
+     ["argument --shared_marks: 1.5 must be <= 1.0"]),
+    ("quickstart", ["--shared_marks", "2"], ["argument --shared_marks: 2 must be <= 1.0"]),
 ])
 def test_bad_arguments_of_the_tools(tool, argv, names, tmp_path, capsys, monkeypatch):
     # in-process through the same wrapper as `python -m sage.tools.X` (run_main)

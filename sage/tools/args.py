@@ -57,9 +57,9 @@ class Parser(argparse.ArgumentParser):
         return "--" + ("no-" if no else "") + name.replace("-", "_") + eq + value
 
 
-def at_least(low: int | float, kind: type = int):
-    """argparse type: a number of `kind` that is >= low (`--batch_size 0` is an argument
-    error, not a failure later)."""
+def at_least(low: int | float, kind: type = int, most: int | float | None = None):
+    """argparse type: a number of `kind` that is >= low, and <= most if given (`--batch_size
+    0` is an argument error, not a failure later)."""
     def parse(text: str):
         try:
             value = kind(text)
@@ -68,9 +68,11 @@ def at_least(low: int | float, kind: type = int):
             raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
         if not value >= low:  # also refuses nan
             raise argparse.ArgumentTypeError(f"{text} must be >= {low}")
+        if most is not None and value > most:
+            raise argparse.ArgumentTypeError(f"{text} must be <= {most}")
         return value
 
-    parse.__name__ = f"{kind.__name__} >= {low}"
+    parse.__name__ = f"{kind.__name__} >= {low}" + ("" if most is None else f", <= {most}")
     return parse
 
 

@@ -29,13 +29,11 @@ def main(argv: list[str] | None = None) -> None:
                    help="the SFE groups beyond the default also cycle over the training-only "
                         f"categories {', '.join(c.name for c in EXTRA_CATEGORIES)} (no effect "
                         "without --sfe_groups above the default)")
-    p.add_argument("--shared_marks", type=at_least(0.0, float), default=0.0,
+    p.add_argument("--shared_marks", type=at_least(0.0, float, most=1.0), default=0.0,
                    help="share (0-1) of the SFE pairs beyond the default whose test and "
                         "reference both carry the same surface mark: part of the product, "
                         "so only the comparison tells the label")
     args = p.parse_args(argv)
-    if args.shared_marks > 1:
-        p.error(f"--shared_marks {args.shared_marks}: a share between 0 and 1")
     t = time.time()
     manifest = generate(args.out, args.seed, args.size, args.scale, args.sfe_groups,
                         args.extra_categories, args.shared_marks)
