@@ -33,6 +33,8 @@ record's structured truth {"anomalous", "defect", "region", ...}:
          (a clause, before or after the decision, with "so", "because", "can", "could",
          "which", "means", "fit for use") 5, minus 1 if the reason contradicts the decision
          (claims a defect while deciding the part is normal, or the reverse).
+  Words count only as words of their own, with an -s / -es / -d / -ed / -ing ending: "the
+  whole part" names no hole, "abnormal" does not say normal, "also" gives no reason.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ DEFECT_WORDS = {
 GENERIC = ("defect", "anomaly", "anomalous", "damage", "damaged", "issue", "fault")
 NORMAL = ("normal", "no defect", "matches the", "fine", "intact", "fit for use")
 HEDGES = ("maybe", "hard to tell", "not sure", "might", "perhaps", "unclear")
-REASONS = ("so ", "because", " can ", "could", "which", "means", "fit for use", ";")
+REASONS = ("so", "because", "can", "could", "which", "means", "fit for use", ";")
 
 _X = r"(yes|no|true|false)"
 _OPEN = r"""[*_"'`“‘(\[]*\s*"""          # markup or quotes before X: **Yes**, "no", (yes)
@@ -114,24 +116,39 @@ def _regions_named(text: str) -> list[str]:
     return found
 
 
+def _word_pattern(words: tuple[str, ...]) -> re.Pattern:
+    """One regex naming any of words as a word of its own, with an -s / -es / -d / -ed / -ing
+    ending ("holes", "cracked", "no defects"): "whole" names no hole, "abnormal" says nothing
+    is normal, "also" gives no "so", "stainless" no stain. Punctuation (";") matches as is."""
+    def one(w: str) -> str:
+        return ((r"(?<![a-z])" if w[0].isalpha() else "") + re.escape(w)
+                + (r"(?:s|es|d|ed|ing)?(?![a-z])" if w[-1].isalpha() else ""))
+    return re.compile("|".join(one(w) for w in words))
+
+
+_DEFECT_PATTERNS = {d: _word_pattern(words) for d, words in DEFECT_WORDS.items()}
+_GENERIC, _CLAIMS = _word_pattern(GENERIC), _word_pattern(GENERIC[:3])
+_NORMAL, _HEDGES, _REASONS = _word_pattern(NORMAL), _word_pattern(HEDGES), _word_pattern(REASONS)
+
+
 def _types_named(text: str) -> list[str]:
-    return [d for d, words in DEFECT_WORDS.items() if any(w in text for w in words)]
+    return [d for d, pat in _DEFECT_PATTERNS.items() if pat.search(text)]
 
 
 def _type_score(text: str, truth: dict) -> int:
     types = _types_named(text)
-    hedged = any(h in text for h in HEDGES)
+    hedged = _HEDGES.search(text)
     if truth["anomalous"]:
         if truth["defect"] in types:
             return 5
         if types:
             return 1
-        if any(g in text for g in GENERIC) and not any(n in text for n in NORMAL):
+        if _GENERIC.search(text) and not _NORMAL.search(text):
             return 3
         return 3 if hedged else 1
     if types:
         return 1
-    return 3 if hedged else (5 if any(n in text for n in NORMAL) else 3)
+    return 3 if hedged else (5 if _NORMAL.search(text) else 3)
 
 
 def _loc_score(text: str, truth: dict) -> int:
@@ -151,11 +168,11 @@ def _loc_score(text: str, truth: dict) -> int:
 def _logic_score(text: str, decision: str | None, label: str, truth: dict) -> int:
     if decision is None or decision != label:
         return 1
-    if any(h in text for h in HEDGES):
+    if _HEDGES.search(text):
         return 2
-    score = 5 if any(r in text for r in REASONS) else 3
-    claims_defect = bool(_types_named(text)) or any(g in text for g in GENERIC[:3])
-    claims_normal = any(n in text for n in NORMAL)
+    score = 5 if _REASONS.search(text) else 3
+    claims_defect = bool(_types_named(text) or _CLAIMS.search(text))
+    claims_normal = bool(_NORMAL.search(text))
     if (truth["anomalous"] and claims_normal and not claims_defect) or (
             not truth["anomalous"] and claims_defect and not claims_normal):
         score -= 1

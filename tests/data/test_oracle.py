@@ -109,6 +109,21 @@ def test_colour_deviation_covers_the_whole_part():
     assert s[:2] == (5, 5)
 
 
+def test_words_count_only_as_words():
+    hole = {"anomalous": True, "defect": "hole", "region": "top"}
+    q = "Is there a defect on the nut?"
+    # "whole" names no hole: a colour deviation named for a hole is the wrong type
+    assert oracle_scores("Yes. A colour deviation over the whole part.", hole, "yes", q)[0] == 1
+    assert oracle_scores("Yes. Two holes at the top; so it leaks.", hole, "yes", q) == (5, 5, 5)
+    # "abnormal" is not a claim that the part is normal; "also" gives no reason
+    assert oracle_scores("No. It looks abnormal.", NORMAL, "no", q) == (3, 5, 3)  # not 5
+    assert oracle_scores("No. It also looks normal.", NORMAL, "no", q) == (5, 5, 3)
+    assert oracle_scores("No. It looks normal, so it is usable.", NORMAL, "no", q) == (5, 5, 5)
+    # "stainless" names no stain; "stained" does
+    assert oracle_scores("Yes. The stainless nut is fine.", NORMAL, "yes", q)[0] == 5
+    assert oracle_scores("Yes. The nut is stained.", NORMAL, "yes", q)[0] == 1
+
+
 def test_bad_truth_is_an_error():
     with pytest.raises(KeyError):
         oracle_scores("Yes.", {}, "yes", "q")
