@@ -1,4 +1,4 @@
-"""Table 3 and Fig. 7 of the paper at tiny scale, on SynthAD, over seeds (longer than the quickstart).
+"""Table 3 and Fig. 7 of the paper at tiny scale, on SynthAD, over seeds (longer than quickstart).
 
     python -m sage.tools.ablations                 # Table 3 rows + the N / K sweep, seed 0
     python -m sage.tools.ablations --seeds 0 1 2   # three seeds: mean ± sample std per cell
@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--edpo_steps", type=at_least(1), default=30, help="Stage 2 optimizer steps")
     p.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True,
                    help="also run the N / K sweep (Fig. 7)")
-    p.add_argument("--fast", action="store_true", help="2 steps each, 20 test records")
+    p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=False,
+                   help="2 steps each, 20 test records")
     args = p.parse_args(argv)
     if args.fast:
         args.sfe_steps = args.edpo_steps = 2

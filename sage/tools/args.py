@@ -30,7 +30,7 @@ class Parser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
-        self.add_argument("--debug", action="store_true",
+        self.add_argument("--debug", action=argparse.BooleanOptionalAction, default=False,
                           help="on an error, print the traceback too (also: SAGE_DEBUG=1)")
 
     def error(self, message: str):

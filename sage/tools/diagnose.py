@@ -10,6 +10,7 @@ and a linear probe on the fact tokens, as AUROC).
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import torch
@@ -30,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--limit", type=at_least(1), default=64, help="first N records")
     p.add_argument("--images", type=at_least(2), default=16,
                    help="images (first record of each group) for the fusion-pathway figures")
-    p.add_argument("--swap_images", action="store_true",
+    p.add_argument("--swap_images", action=argparse.BooleanOptionalAction, default=False,
                    help="also measure with each record's images taken from another group")
     args = p.parse_args(argv)
 

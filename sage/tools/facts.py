@@ -14,6 +14,7 @@ holds InternVL2-40B in 10 GiB per GPU; --tp 4 gives two copies); rank 0 writes t
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 
@@ -43,7 +44,8 @@ def main(argv: list[str] | None = None) -> None:
                         "--data, or with no value back into --data (temporary file + rename)")
     # asker
     p.add_argument("--model", default=None, help="local SageModel directory (InternVL2 layout)")
-    p.add_argument("--openai", action="store_true", help="ask an OpenAI-compatible endpoint")
+    p.add_argument("--openai", action=argparse.BooleanOptionalAction, default=False,
+                   help="ask an OpenAI-compatible endpoint")
     p.add_argument("--model_name", default="gpt-4o", help="endpoint model name (--openai)")
     p.add_argument("--base_url", default=None, help="endpoint URL (None: OPENAI_BASE_URL)")
     p.add_argument("--max_new_tokens", type=at_least(1), default=128,
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
                         "(world = data-parallel x tp)")
     p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32",
                    help="dtype of the local model")
-    p.add_argument("--skip_bad", action="store_true",
+    p.add_argument("--skip_bad", action=argparse.BooleanOptionalAction, default=False,
                    help="drop bad records of --data (counted, reported once) instead of stopping")
     a = p.parse_args(argv)
     if a.model and a.openai:
@@ -90,7 +92,8 @@ def main(argv: list[str] | None = None) -> None:
         source = f"openai:{a.model_name}"
     progress = Progress("facts", len(set(todo)), "images", printer=print0)
     n = collect_facts((r["test_image"] for r in records), cache, ask, source, n_facts,
-                      a.batch_size if a.model else 1, dp_rank=copies.dp_rank, dp_size=copies.dp_size,
+                      a.batch_size if a.model else 1, dp_rank=copies.dp_rank,
+                      dp_size=copies.dp_size,
                       exchange=((lambda got: gather_objects(got if copies.writer else []))
                                 if dist.world_size > 1 else None),
                       progress=progress.update)

@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     # data
     p.add_argument("--data", required=True, help="input JSONL (docs/design.md §6, kind qa)")
     p.add_argument("--out", default=None, help="output JSONL (None: DATA stem + .mle.jsonl)")
-    p.add_argument("--in_place", action="store_true",
+    p.add_argument("--in_place", action=argparse.BooleanOptionalAction, default=False,
                    help="replace the input file (atomically) instead of writing --out")
     p.add_argument("--rescore", action=argparse.BooleanOptionalAction, default=False,
                    help="score records that already have `mle` too")

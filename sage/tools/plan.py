@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="samples (SFE) / instances (E-DPO) per optimizer step")
     p.add_argument("--cpu_offload", action=argparse.BooleanOptionalAction, default=False,
                    help="FSDP2 CPU offload of params, grads and optimizer state (training)")
-    p.add_argument("--json", action="store_true", help="print the plans as one JSON object")
+    p.add_argument("--json", action=argparse.BooleanOptionalAction, default=False,
+                   help="print the plans as one JSON object")
     args = p.parse_args(argv)
     try:
         jobs = plan_jobs(SageConfig.preset(args.preset), world=args.world,

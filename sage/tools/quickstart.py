@@ -14,6 +14,7 @@ Steps, each the documented command of its stage run in a subprocess from the che
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -84,7 +85,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--shared_marks", type=at_least(0.0, float, most=1.0), default=0.0,
                    help="share of the added SFE pairs with one mark on test and reference alike "
                         "(python -m sage.tools.synthad --shared_marks)")
-    p.add_argument("--fast", action="store_true", help="tiny sizes and 2 steps each (smoke)")
+    p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=False,
+                   help="tiny sizes and 2 steps each (smoke)")
     args = p.parse_args(argv)
     if args.fast:
         args.sfe_steps, args.edpo_steps, args.scale = 2, 2, 0.05

@@ -9,6 +9,7 @@ corpus.txt, facts.jsonl and manifest.json (see sage.data.synthad).
 
 from __future__ import annotations
 
+import argparse
 import time
 
 from sage.data.synthad import EXTRA_CATEGORIES, generate
@@ -25,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sfe_groups", type=at_least(1), default=None,
                    help="SFE training groups (5 questions each; default 300 x scale); those "
                         "beyond the default are drawn after the rest, which stays the same")
-    p.add_argument("--extra_categories", action="store_true",
+    p.add_argument("--extra_categories", action=argparse.BooleanOptionalAction, default=False,
                    help="the SFE groups beyond the default also cycle over the training-only "
                         f"categories {', '.join(c.name for c in EXTRA_CATEGORIES)} (no effect "
                         "without --sfe_groups above the default)")

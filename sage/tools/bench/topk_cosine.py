@@ -16,6 +16,7 @@ Triton kernel (the interpreter is for correctness, not speed).
 Run: python -m sage.tools.bench.topk_cosine [--k 32] [--dtype bf16] [--shape 8,3328,3328,7168 ...]
 """
 
+import argparse
 import statistics
 import time
 
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--k", type=at_least(1), default=32,
                         help="K selected tokens (SageConfig.top_k)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="input dtype")
-    parser.add_argument("--sweep", action="store_true",
+    parser.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=False,
                         help="also time the Triton scores for n_split 1..8, norms fused or not")
     parser.add_argument("--shape", action="append", default=None,
                         help="B,P,R,C (repeatable); None: the InternVL2-40B-like shapes on "
