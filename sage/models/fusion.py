@@ -5,7 +5,8 @@ One-shot:  t^s = softmax( t^g W_q (v_d W_k)^T / sqrt(d) ) v_t[idx] W_v, then W_o
            tokens (Eq. 1 picks idx and j*, docs/design.md §1 step 4).
 Zero-shot: keys = values = all test tokens v_t (paper §5.1).
 Multi-head: the width C is split into H heads of D = C / H (paper: "a multi-head attention
-mechanism is employed"). Shapes: t^g (B, N, C); keys/values (B, K, C); t^s (B, N, C).
+mechanism is employed"). Shapes: t^g (B, N, C); keys/values (B, L, C), L = K one-shot (2K with
+comparison "both"), P test tokens zero-shot; t^s (B, N, C).
 
 What the paper leaves free, chosen by measurement (docs/experiments.md, "The fusion pathway";
 each a SageConfig field, the earlier or literal form one value away):
@@ -90,7 +91,7 @@ class FusionAttention(nn.Module):
 
     def forward(self, t_g: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                 key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """t_g (B, N, C) queries; keys/values (B, K, C); key_mask (B, K) bool, True = attend.
+        """t_g (B, N, C) queries; keys/values (B, L, C); key_mask (B, L) bool, True = attend.
 
         One-shot: keys = v_d, values = v_t[idx]. Zero-shot: keys = values = v_t.
         Returns t^s (B, N, C).

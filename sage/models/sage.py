@@ -151,11 +151,12 @@ class SageModel(nn.Module):
 
     def fusion_inputs(self, v_t_tiles: torch.Tensor, batch: dict
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Steps 2-3: Eq. 2's inputs -> (t^g (B, N, C), keys (B, K, C), values (B, K, C),
-        key_mask (B, K) or None). One-shot: keys v_d and values v_t[idx] (or v_d with
-        cfg.fusion_values "difference"); zero-shot (paper §5.1): keys = values = all v_t.
+        """Steps 2-3: Eq. 2's inputs -> (t^g (B, N, C), keys (B, L, C), values (B, L, C),
+        key_mask (B, L) or None). One-shot: L = K keys v_d and values v_t[idx] (or v_d with
+        cfg.fusion_values "difference"); zero-shot (paper §5.1): keys = values = all v_t,
+        L = P test tokens (key_mask marks the real ones when tile counts differ).
 
-        cfg.comparison "both" (a departure from Eq. 1, which looks one way): 2K keys, the K
+        cfg.comparison "both" (a departure from Eq. 1, which looks one way): L = 2K, the K
         test patches least matched in the reference and then the K reference patches least
         matched in the test, each as test minus reference (v_t[nn] - v_r[i]; values v_t[nn]
         with fusion_values "test"), so that what the test lacks, a missing part, is seen too."""
