@@ -3,6 +3,7 @@
     python -m sage.tools.ablations                 # Table 3 rows + the N / K sweep, seed 0
     python -m sage.tools.ablations --seeds 0 1 2   # three seeds: mean ± sample std per cell
     python -m sage.tools.ablations --fast          # 2 steps each (smoke)
+    python -m sage.tools.ablations --no-table3 --seeds 0 1 2   # the N / K sweep alone
 
 Table 3 rows (test_unseen, zero-shot and one-shot):
   Baseline             the base VLM (weights/sage-tiny-base), no training on anomaly QA
@@ -96,6 +97,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="seeds of the N / K sweep (default: --seeds)")
     p.add_argument("--sfe_steps", type=at_least(1), default=200, help="Stage 1 optimizer steps")
     p.add_argument("--edpo_steps", type=at_least(1), default=30, help="Stage 2 optimizer steps")
+    p.add_argument("--table3", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the Table 3 rows (--no-table3 --sweep: the sweep alone)")
     p.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True,
                    help="also run the N / K sweep (Fig. 7)")
     p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=False,
@@ -136,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
         (out / file).write_text(text)
         print(text)
 
-    for seed in args.seeds:
+    for seed in args.seeds if args.table3 else []:
         sft, hard, fe = (sfe("sft", seed, "--facts", "none"), sfe("hard", seed, "--facts", "hard"),
                          sfe("fe", seed))
         literal = sfe("fe_literal", seed, "--fusion", "literal")

@@ -29,6 +29,10 @@ from sage.tools.errors import run_main
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: the stage scripts live at its top
 EDPO_GLOBAL_BATCH = 16  # instances per E-DPO step (2 pairs, 4 sequences each): ~2.5 s on 2 cores
+# SFE's 32 samples per step in one micro-batch, not 4 x 8: the same gradient (the loss is
+# normalised by the global answer-token count), larger matmuls (docs/experiments.md, "The
+# quickstart's step time")
+SFE_MICRO_BATCH = 32
 
 
 def run(cmd: list[str], log: Path) -> None:
@@ -109,7 +113,8 @@ def main(argv: list[str] | None = None) -> None:
     run([py, "-m", "sage.tools.mle", "--data", str(data / "edpo_train.jsonl"),
          "--judge", "oracle", "--in_place"], log)
     run([py, "train_sfe.py", "--init", args.base, "--data", str(data), "--out",
-         str(out / "sfe"), "--max_steps", str(args.sfe_steps), "--seed", str(args.seed)], log)
+         str(out / "sfe"), "--max_steps", str(args.sfe_steps), "--micro_batch",
+         str(SFE_MICRO_BATCH), "--seed", str(args.seed)], log)
     run([py, "train_edpo.py", "--init", str(out / "sfe" / "export"), "--data", str(data),
          "--out", str(out / "edpo"), "--max_steps", str(args.edpo_steps),
          "--global_batch", str(EDPO_GLOBAL_BATCH), "--seed", str(args.seed)], log)

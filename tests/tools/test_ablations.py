@@ -3,6 +3,7 @@ runs themselves are the documented scripts, exercised by tests/test_scripts.py).
 Run: python -m pytest -q tests/tools/test_ablations.py"""
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -45,3 +46,37 @@ def test_missing_data_fails_before_the_run_directory_exists(tmp_path):
     with pytest.raises(FileNotFoundError, match="test_unseen.jsonl: not found"):
         main(["--data", str(tmp_path), "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()  # nothing created before the inputs are checked
+
+
+def test_no_table3_runs_the_sweep_alone(tmp_path, monkeypatch):
+    """--no-table3: only the sweep's SFE runs (N = 4 / K = 8 is the +Fact[FE] run, trained once)
+    and one evaluation of its six settings; no DPO, no test_seen evaluation."""
+    import json
+
+    import sage.tools.ablations as ab
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("test_unseen", "test_seen"):
+        (data / f"{split}.jsonl").write_text("")
+    calls = []
+
+    def fake_run(cmd, log):
+        calls.append(cmd)
+        out = Path(cmd[cmd.index("--out") + 1])
+        if cmd[1] == "evaluate.py":
+            names = cmd[cmd.index("--names") + 1:cmd.index("--data")]
+            out.mkdir(parents=True)
+            res = {n: _metrics(50.0 + i, 60.0) for i, n in enumerate(names)}
+            (out / "metrics.json").write_text(json.dumps({"results": res}))
+        else:
+            (out / "export").mkdir(parents=True)
+            (out / "export" / "config.json").write_text("{}")
+
+    monkeypatch.setattr(ab, "run", fake_run)
+    ab.main(["--data", str(data), "--out", str(tmp_path / "out"), "--no-table3", "--seeds", "3"])
+    scripts = [c[1] for c in calls]
+    assert scripts == ["train_sfe.py"] * 5 + ["evaluate.py"]
+    trained = [Path(c[c.index("--out") + 1]).name for c in calls[:5]]
+    assert trained == ["n1", "n2", "fe", "k2", "k32"] and all("3" in c for c in calls[:5])
+    assert (tmp_path / "out" / "sweep.md").read_text().count("| N=") == 3
+    assert not (tmp_path / "out" / "table3.md").exists()
