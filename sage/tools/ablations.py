@@ -34,7 +34,7 @@ from sage.config import SageConfig
 from sage.runs import new_run_dir
 from sage.tools.args import Parser, at_least
 from sage.tools.errors import run_main
-from sage.tools.quickstart import EDPO_GLOBAL_BATCH, run
+from sage.tools.quickstart import EDPO_GLOBAL_BATCH, SFE_MICRO_BATCH, run
 
 
 def evaluate(models: dict[str, str], data: Path, out: Path, split: str, log: Path,
@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> None:
         d = out / f"s{seed}" / name
         if not (d / "export" / "config.json").exists():  # the sweep reuses Table 3's run
             run([py, "train_sfe.py", "--init", args.base, "--data", str(data), "--out", str(d),
-                 "--max_steps", str(args.sfe_steps), "--seed", str(seed), *flags], log)
+                 "--max_steps", str(args.sfe_steps), "--micro_batch", str(SFE_MICRO_BATCH),
+                 "--seed", str(seed), *flags], log)
         return str(d / "export")
 
     def dpo(name, seed, init, loss):
