@@ -129,6 +129,7 @@ def _word_pattern(words: tuple[str, ...]) -> re.Pattern:
 _DEFECT_PATTERNS = {d: _word_pattern(words) for d, words in DEFECT_WORDS.items()}
 _GENERIC, _CLAIMS = _word_pattern(GENERIC), _word_pattern(GENERIC[:3])
 _NORMAL, _HEDGES, _REASONS = _word_pattern(NORMAL), _word_pattern(HEDGES), _word_pattern(REASONS)
+_WHOLE = _word_pattern(("whole", "overall"))  # where a colour deviation is
 
 
 def _types_named(text: str) -> list[str]:
@@ -156,7 +157,7 @@ def _loc_score(text: str, truth: dict) -> int:
     if not truth["anomalous"]:
         return 2 if named else 5
     if truth["defect"] == "colour deviation" and (
-            "whole" in text or "overall" in text or "center" in named):
+            _WHOLE.search(text) or "center" in named):
         return 5
     if truth["region"] in named:
         return 5
