@@ -6,6 +6,7 @@ Run: python -m pytest -q tests/test_scripts.py   (about a minute or two on 2 cor
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -104,6 +105,21 @@ def test_sfe_single_vs_two_processes_and_export(base, synth, tmp_path):
     assert model.cfg.facts_mode == "fe" and model.tokenizer is not None
     sd = load_file(one / "export" / "model.safetensors")
     assert any(k.startswith("sage.fusion.") for k in sd) and "mlp1.1.weight" in sd
+
+
+def test_sfe_vision_cache_two_processes_match_one_without(base, synth, tmp_path):
+    """Past an epoch (45 records, 8 per step) both ranks reuse cached tiles; a rank whose tiles
+    are all cached still joins the sharded encoder when the other one misses (no hang)."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = ["train_sfe.py", "--init", str(base), "--data", str(synth), "--max_steps", "8",
+            *SMALL, "--global_batch", "8"]
+    run(*args, "--out", str(one))
+    proc = run(*args, "--out", str(two), "--vision_cache_gb", "0.5", nproc=2, timeout=900)
+    torch.testing.assert_close(torch.tensor(losses(two)), torch.tensor(losses(one)),
+                               atol=5e-4, rtol=1e-4)
+    encoded, asked = map(int, re.search(r"vision cache: (\d+) of (\d+) tiles encoded",
+                                        proc.stdout).groups())
+    assert encoded < asked * 0.7, proc.stdout[-2000:]
 
 
 def test_sfe_resume_matches_straight_run(base, synth, tmp_path):

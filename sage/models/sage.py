@@ -28,6 +28,7 @@ from sage.config import SageConfig
 from sage.kernels import topk_cosine
 from sage.losses import IGNORE_INDEX, sequence_logprobs
 from sage.models.adapter import Adapter, pixel_shuffle
+from sage.models.feature_cache import FeatureCache
 from sage.models.fusion import (FactProjection, FusionAttention, difference_features,
                                  gather_tokens)
 from sage.models.intern_vit import InternViT
@@ -86,6 +87,7 @@ class SageModel(nn.Module):
                                       init=cfg.fusion_init) if fe else None
         self.fact_proj = FactProjection(cfg.llm.dim, init_std=cfg.fact_head_init) if fe else None
         self._tokenizer = None
+        self.vision_cache: FeatureCache | None = None  # frozen InternViT outputs by tile
 
     def init_weights(self) -> None:
         for m in (self.vision, self.adapter, self.llm, self.fusion, self.fact_proj):
@@ -114,17 +116,27 @@ class SageModel(nn.Module):
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values (n_tiles, 3, S, S) -> visual tokens v (n_tiles, T, C), T =
         cfg.n_image_tokens. InternViT runs without autograd when it is frozen (docs/design.md
-        §2); the adapter always with it.
+        §2), and its output comes from self.vision_cache when one is set (a FeatureCache:
+        --vision_cache_gb); the adapter always runs, with autograd.
         """
         vit_trainable = any(p.requires_grad for p in self.vision.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and vit_trainable):
-            h = self.vision(pixel_values.to(self.adapter.fc1.weight.dtype),
-                            select_layer=self.cfg.select_layer)  # (n, 1 + P, C_vit)
+            if self.vision_cache is not None and not vit_trainable:
+                h = self.vision_cache(pixel_values, self.vision_features)
+            else:
+                h = self.vision_features(pixel_values)
+        return self.adapter(h)  # (n, T, C)
+
+    def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """InternViT -> drop CLS -> pixel shuffle: (n_tiles, 3, S, S) -> (n_tiles, T, 4 C_vit),
+        the adapter's input (what self.vision_cache keeps)."""
+        h = self.vision(pixel_values.to(self.adapter.fc1.weight.dtype),
+                        select_layer=self.cfg.select_layer)  # (n, 1 + P, C_vit)
         h = h[:, 1:]  # drop CLS: (n, P, C_vit)
         n, P, c = h.shape
         g = int(P**0.5)
         h = pixel_shuffle(h.reshape(n, g, g, c), self.cfg.downsample_ratio)  # (n, g/2, g/2, 4c)
-        return self.adapter(h.reshape(n, -1, h.shape[-1]))  # (n, T, C)
+        return h.flatten(1, 2)  # (n, T, 4c); also for n = 0 (FeatureCache under FSDP)
 
     # -------------------------------------------------------------- SFE
 

@@ -34,7 +34,7 @@ from sage.config import SageConfig
 from sage.runs import new_run_dir
 from sage.tools.args import Parser, at_least
 from sage.tools.errors import run_main
-from sage.tools.quickstart import EDPO_GLOBAL_BATCH, SFE_MICRO_BATCH, run
+from sage.tools.quickstart import EDPO_GLOBAL_BATCH, SFE_MICRO_BATCH, SFE_VISION_CACHE, run
 
 
 def evaluate(models: dict[str, str], data: Path, out: Path, split: str, log: Path,
@@ -104,6 +104,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=False,
                    help="2 steps each, 20 test records")
     args = p.parse_args(argv)
+    if not (args.table3 or args.sweep):
+        p.error("--no-table3 with --no-sweep runs nothing: drop one of them")
     if args.fast:
         args.sfe_steps = args.edpo_steps = 2
     py, data, out = sys.executable, Path(args.data), Path(args.out)
@@ -123,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
         if not (d / "export" / "config.json").exists():  # the sweep reuses Table 3's run
             run([py, "train_sfe.py", "--init", args.base, "--data", str(data), "--out", str(d),
                  "--max_steps", str(args.sfe_steps), "--micro_batch", str(SFE_MICRO_BATCH),
-                 "--seed", str(seed), *flags], log)
+                 *SFE_VISION_CACHE, "--seed", str(seed), *flags], log)
         return str(d / "export")
 
     def dpo(name, seed, init, loss):

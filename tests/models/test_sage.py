@@ -1,5 +1,6 @@
 """SageModel: shapes and masks (single/multi-tile, zero/one-shot, facts fe/hard/none), gradient
-routing, placeholder errors, cached vs uncached and batched vs one-by-one generation.
+routing, placeholder errors, cached vs uncached and batched vs one-by-one generation, the
+vision feature cache (a frozen InternViT only, the same loss and gradients).
 Run: python -m pytest -q tests/models/test_sage.py"""
 
 import dataclasses
@@ -9,6 +10,7 @@ import torch
 
 from sage.config import LLMConfig, SageConfig, VisionConfig
 from sage.data.collate import Collator
+from sage.models.feature_cache import FeatureCache
 from sage.models.sage import SageModel, masked_mean, split_by_tiles
 from sage.tokenizer import Tokenizer
 
@@ -200,3 +202,33 @@ def test_packed_edpo_rows_equal_one_sequence_per_answer(tok, gen):
     assert loss.shape == (6,) and packed["seq_ranks"].tolist() == [0, 1, 2, 3, 1, 3]
     torch.testing.assert_close(loss, want, atol=1e-5, rtol=1e-5)
     assert (n_tok > 0).all()
+
+
+def test_sage_model_with_a_frozen_vit_same_loss_and_gradients(tok, gen):
+    plain, cached = build(tok), build(tok)
+    cached.vision_cache = FeatureCache(max_bytes=1 << 20)
+    exs = [example(i, gen) for i in range(3)]
+    exs[2]["pixel_ref"] = exs[0]["pixel_ref"]  # a reference shared by two questions
+    batch = Collator(tok, plain.cfg)(exs)
+    for step in range(2):  # the second pass: every tile from the cache
+        grads = []
+        for m in (plain, cached):
+            m.zero_grad()
+            _, loss, _ = m(batch)
+            loss.sum().backward()
+            grads.append({n: p.grad for n, p in m.named_parameters() if p.grad is not None})
+        assert grads[0].keys() == grads[1].keys() and "adapter.fc1.weight" in grads[1]
+        for n in grads[0]:
+            torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-6, rtol=1e-5, msg=n)
+    assert (cached.vision_cache.misses, len(cached.vision_cache.store)) == (5, 5)  # 3 test, 2 ref
+
+
+def test_sage_model_with_a_trainable_vit_ignores_the_cache(tok, gen):
+    model = build(tok)
+    for p in model.vision.parameters():
+        p.requires_grad_(True)
+    model.vision_cache = FeatureCache(max_bytes=1 << 20)
+    _, loss, _ = model(Collator(tok, model.cfg)([example(0, gen)]))
+    loss.sum().backward()
+    assert not model.vision_cache.store and model.vision.embeddings.patch_embedding.weight.grad \
+        is not None

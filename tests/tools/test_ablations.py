@@ -48,6 +48,15 @@ def test_missing_data_fails_before_the_run_directory_exists(tmp_path):
     assert not (tmp_path / "out").exists()  # nothing created before the inputs are checked
 
 
+def test_nothing_to_run_is_an_error_before_any_work(tmp_path, capsys):
+    from sage.tools.ablations import main
+    with pytest.raises(SystemExit) as e:
+        main(["--data", str(tmp_path), "--out", str(tmp_path / "out"), "--no-table3",
+              "--no-sweep"])
+    assert e.value.code == 2 and "runs nothing" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_no_table3_runs_the_sweep_alone(tmp_path, monkeypatch):
     """--no-table3: only the sweep's SFE runs (N = 4 / K = 8 is the +Fact[FE] run, trained once)
     and one evaluation of its six settings; no DPO, no test_seen evaluation."""
@@ -78,5 +87,6 @@ def test_no_table3_runs_the_sweep_alone(tmp_path, monkeypatch):
     assert scripts == ["train_sfe.py"] * 5 + ["evaluate.py"]
     trained = [Path(c[c.index("--out") + 1]).name for c in calls[:5]]
     assert trained == ["n1", "n2", "fe", "k2", "k32"] and all("3" in c for c in calls[:5])
+    assert all("--vision_cache_gb" in c for c in calls[:5])  # the quickstart's SFE options
     assert (tmp_path / "out" / "sweep.md").read_text().count("| N=") == 3
     assert not (tmp_path / "out" / "table3.md").exists()
