@@ -37,6 +37,7 @@ from sage.distributed import (all_reduce_sum, barrier, cleanup, gather_objects,
 from sage.inference import generate_answers, nonfinite_parameters
 from sage.metrics import ALWAYS_NORMAL, always_normal, first_groups, format_report, summarize
 from sage.mle import MLEResult, OpenAIJudge, OracleJudge, score_many
+from sage.models.feature_cache import attach_vision_cache
 from sage.models.sage import SageModel
 from sage.runs import keep_aside
 from sage.safetensors_io import read_checkpoint_index
@@ -87,6 +88,10 @@ p.add_argument("--out", default="runs/eval",
                help="output directory (an earlier evaluation there is renamed aside)")
 p.add_argument("--visualize", type=at_least(0), default=0,
                help="write patch-selection PNGs of N pairs")
+p.add_argument("--vision_cache_gb", type=at_least(0.0, float), default=0.0,
+               help="per model, keep InternViT's output per tile in up to this much host memory "
+                    "(a test image asked several questions, in both settings, is encoded once; "
+                    "sage.models.feature_cache; 0: off)")
 p.add_argument("--seed", type=int, default=0, help="sampling seed")
 p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
 args = p.parse_args()
@@ -154,6 +159,9 @@ for name, model_dir in zip(names, args.model):
                          f"({', '.join(bad[:5]) or 'on another rank'}); refusing to evaluate it")
     if args.system_message is not None:  # the prompt's system turn, for this run only
         model.cfg = dataclasses.replace(model.cfg, system_message=args.system_message)
+    model.requires_grad_(False)  # inference only; a frozen encoder is what the cache needs
+    # each process (or tensor-parallel copy, whose ranks share batches) on its own
+    attach_vision_cache(model, args.vision_cache_gb, sync=False)
     collate = Collator(model.tokenizer, model.cfg, for_generation=True)
     # the ranks of one copy must sample the same tokens: seed by copy, not by rank
     gen = torch.Generator(device=dist.device).manual_seed(args.seed + dp_rank)
@@ -182,6 +190,8 @@ for name, model_dir in zip(names, args.model):
             progress.update(len(examples))
         predictions += [p_ for rank_part in gather_objects(local if writer else [])
                         for p_ in rank_part]
+    if model.vision_cache is not None:
+        print0(f"{name}: rank 0's {model.vision_cache.stats()}")
     if args.visualize and copies.tp_mesh is not None:
         print0("--visualize: skipped under --tp (it runs one rank's forward on its own)")
     elif args.visualize and dist.is_main:

@@ -36,6 +36,7 @@ from sage.distributed import (all_reduce_sum, build_model, build_optimizer, clea
                               init_distributed, print0)
 from sage.inference import to_device
 from sage.losses import dpo_rewards, edpo_loss
+from sage.models.feature_cache import attach_vision_cache
 from sage.reference import cache_meta, load_cache, ref_key, reference_logps, save_cache
 from sage.runs import check_run_dir, export_model, resume, save_checkpoint, start_run
 from sage.tensor_parallel import load_sharded, model_copies
@@ -132,6 +133,8 @@ if ref_table is None:
                                 cpu_offload=args.cpu_offload, init_seed=args.seed)
     reference.tokenizer = tokenizer
     reference.eval()
+    # FSDP over the world: the ranks run the encoder together; a --tp copy's ranks share batches
+    attach_vision_cache(reference, args.vision_cache_gb, sync=copies.tp_mesh is None)
 if args.ref_cache and ref_table is None:
     progress = Progress("reference log-probs", len(records) * len(settings), "records",
                         printer=print0)
@@ -154,6 +157,7 @@ model = build_model(cfg, dist, args.init, stage="edpo",
                     activation_checkpointing=args.activation_checkpointing,
                     cpu_offload=args.cpu_offload, init_seed=args.seed)
 model.tokenizer = tokenizer
+attach_vision_cache(model, args.vision_cache_gb, sync=True)  # InternViT is frozen here
 optimizer = build_optimizer(model, lr, args.weight_decay, dist.device)
 start_run(run_dir, vars(args), dist.rank, cfg.to_dict())  # lock, clean partial saves, config.json
 
@@ -245,6 +249,8 @@ while step < max_steps:
                         keep_last=args.keep_last)
 
 # ----------------------------------------------------------------------------- export, cleanup
+if model.vision_cache is not None:
+    print0(f"rank 0's policy {model.vision_cache.stats()}")
 export_model(model, cfg, tokenizer, run_dir / "export", dist.rank,
              dtype=getattr(torch, args.export_dtype))
 print0(f"exported {run_dir / 'export'}")

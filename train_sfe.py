@@ -25,10 +25,10 @@ from sage.data import Collator, ResumableDistributedSampler, SFEDataset
 from sage.distributed import (all_reduce_sum, build_model, build_optimizer, cleanup,
                               init_distributed, print0)
 from sage.inference import to_device
-from sage.models.feature_cache import FeatureCache
+from sage.models.feature_cache import attach_vision_cache
 from sage.runs import check_run_dir, export_model, resume, save_checkpoint, start_run
 from sage.tokenizer import Tokenizer
-from sage.tools.args import Parser, add_optim_args, add_runtime_args, at_least, load_records
+from sage.tools.args import Parser, add_optim_args, add_runtime_args, load_records
 from sage.tools.errors import report_errors
 from sage.training import (MetricsLog, accumulation_steps, check_finite, eta, flops_per_token,
                            grad_norm_and_clip, lr_at, resolve_recipe, seed_everything,
@@ -59,9 +59,6 @@ p.add_argument("--setting", choices=["one-shot", "zero-shot", "mixed"], default=
 p.add_argument("--max_len", type=int, default=None, help="truncate sequences (tokens)")
 # optimisation
 add_optim_args(p)
-p.add_argument("--vision_cache_gb", type=at_least(0.0, float), default=0.0,
-               help="keep the frozen InternViT's output per tile in up to this much host memory "
-                    "and reuse it in later epochs (sage.models.feature_cache; 0: off)")
 # runtime
 add_runtime_args(p, out="runs/sfe")
 args = p.parse_args()
@@ -98,8 +95,7 @@ model = build_model(cfg, dist, args.init, stage="sfe",
                     activation_checkpointing=args.activation_checkpointing,
                     cpu_offload=args.cpu_offload, init_seed=args.seed)
 model.tokenizer = tokenizer
-if args.vision_cache_gb:  # the same features as without it: the encoder is frozen here
-    model.vision_cache = FeatureCache(int(args.vision_cache_gb * 2**30))
+attach_vision_cache(model, args.vision_cache_gb, sync=True)  # the encoder is frozen here
 optimizer = build_optimizer(model, lr, args.weight_decay, dist.device)
 
 # ----------------------------------------------------------------------------- data

@@ -173,7 +173,7 @@ RUN_PATTERNS = ("step_*", ".tmp_step_*", ".export.tmp-*", ".export.old-*")
 LOCK = ".lock"  # {"pid", "host", "time"} of the run using the directory
 # Arguments that cannot change what a resumed run computes (--max_steps may also grow).
 NOT_COMPARED = {"log_every", "save_every", "keep_last", "resume", "resume_force", "device",
-                "debug", "out", "activation_checkpointing", "cpu_offload"}
+                "debug", "out", "activation_checkpointing", "cpu_offload", "vision_cache_gb"}
 
 
 def run_artefacts(run_dir: Path) -> list[str]:

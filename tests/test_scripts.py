@@ -183,7 +183,8 @@ def test_edpo_two_processes_resume_and_ref_cache(base, synth, tmp_path):
     # precomputed and on-the-fly reference log-probs give the same loss
     torch.testing.assert_close(torch.tensor(losses(tmp_path / "cached")),
                                torch.tensor(losses(tmp_path / "fly")), atol=1e-4, rtol=1e-4)
-    run(*args, "--out", str(tmp_path / "two"), nproc=2)
+    # 2 ranks, the policy and the on-the-fly reference each with a vision cache
+    run(*args, "--out", str(tmp_path / "two"), "--vision_cache_gb", "0.5", nproc=2)
     torch.testing.assert_close(torch.tensor(losses(tmp_path / "two")),
                                torch.tensor(losses(tmp_path / "fly")), atol=2e-4, rtol=1e-4)
     run(*args, "--out", str(tmp_path / "two"), "--max_steps", "3", "--resume", nproc=2)
@@ -214,6 +215,18 @@ def test_evaluate_end_to_end(base, synth, tmp_path):
     assert len(preds) == 20 and all("decision" in p and "mle" in p for p in preds)
     assert "Table 1" in (out / "report.md").read_text()
     assert list(out.glob("selection_*.png"))
+    # the vision cache: a test image asked several questions, in both settings, encoded once
+    proc = run("evaluate.py", "--model", str(base), "--names", "Base", "--data", str(synth),
+               "--split", "test_unseen", "--setting", "both", "--limit", "10",
+               "--max_new_tokens", "8", "--out", str(tmp_path / "cached"), "--no-sbert",
+               "--vision_cache_gb", "0.5")
+    cached = [json.loads(x) for x in (tmp_path / "cached" / "predictions.jsonl").read_text()
+              .split("\n") if x]
+    assert [p["answer"] for p in cached] == [p["answer"] for p in preds]
+    encoded, asked = map(int, re.search(r"vision cache: (\d+) of (\d+) tiles encoded",
+                                        proc.stdout).groups())
+    # 10 test tiles per setting (a plain base VLM never reads the reference); one-shot reuses
+    assert asked == 20 and encoded <= 10
 
 
 def test_quickstart_fast(base, tmp_path):

@@ -15,10 +15,13 @@ encoder's forward) and are added until `max_bytes` is reached, then no more: no 
 an epoch larger than the budget still hits on the part that fits instead of thrashing.
 
 Under FSDP every rank must run the sharded encoder together (its forward all-gathers the
-parameters), so the ranks agree on whether any of them misses (one all-reduce per call) and
-each runs the encoder on its own misses, possibly none.
+parameters) on batches of its own, so with `sync` the ranks agree on whether any of them
+misses (one all-reduce per call) and each runs the encoder on its own misses, possibly none.
+Without it each process decides alone: a whole model per process, or the ranks of one
+tensor-parallel copy, which see the same batches and so miss together (evaluate.py, the
+E-DPO reference pass with --tp).
 
-    cache = FeatureCache(max_bytes=2 << 30)
+    cache = FeatureCache(max_bytes=2 << 30, sync=True)
     feats = cache(pixel_values, encode)  # encode: (n, 3, S, S) -> (n, T, D), called on misses
 """
 
@@ -51,10 +54,10 @@ def any_rank(n: int, device: torch.device) -> int:
 class FeatureCache:
     """Encoder outputs by tile content; see the module docstring."""
 
-    def __init__(self, max_bytes: int):
+    def __init__(self, max_bytes: int, sync: bool = False):
         if max_bytes <= 0:
             raise ValueError(f"FeatureCache: max_bytes={max_bytes} must be > 0")
-        self.max_bytes = max_bytes
+        self.max_bytes, self.sync = max_bytes, sync
         self.store: dict[bytes, torch.Tensor] = {}
         self.bytes = self.hits = self.misses = 0
 
@@ -70,7 +73,8 @@ class FeatureCache:
         self.hits += len(keys) - len(todo)
         self.misses += len(todo)
         new: dict[bytes, torch.Tensor] = {}
-        if any_rank(len(todo), pixels.device):  # every rank encodes, with no tiles if need be
+        if any_rank(len(todo), pixels.device) if self.sync else todo:  # FSDP: every rank
+            # encodes, with no tiles if need be
             out = encode(pixels[todo])  # (len(todo), T, D)
             for j, i in enumerate(todo):
                 new[keys[i]] = out[j]
@@ -89,3 +93,10 @@ class FeatureCache:
         return (f"vision cache: {self.misses} of {n} tiles encoded ({rate:.0f}% reused), "
                 f"{len(self.store)} stored, {self.bytes / 2**20:.0f} MiB of "
                 f"{self.max_bytes / 2**20:.0f}")
+
+
+def attach_vision_cache(model, gib: float, sync: bool) -> None:
+    """`model.vision_cache` = a FeatureCache of `gib` GiB where gib > 0 (the scripts'
+    --vision_cache_gb); `sync` as in the module docstring (True for FSDP-sharded models)."""
+    if gib > 0:
+        model.vision_cache = FeatureCache(int(gib * 2**30), sync=sync)

@@ -34,14 +34,14 @@ from sage.config import SageConfig
 from sage.runs import new_run_dir
 from sage.tools.args import Parser, at_least
 from sage.tools.errors import run_main
-from sage.tools.quickstart import EDPO_GLOBAL_BATCH, SFE_MICRO_BATCH, SFE_VISION_CACHE, run
+from sage.tools.quickstart import EDPO_GLOBAL_BATCH, SFE_MICRO_BATCH, VISION_CACHE, run
 
 
 def evaluate(models: dict[str, str], data: Path, out: Path, split: str, log: Path,
              limit: list[str]) -> dict:
     run([sys.executable, "evaluate.py", "--model", *models.values(), "--names", *models,
          "--data", str(data), "--split", split, "--setting", "both", "--out", str(out),
-         "--no-sbert", *limit], log)
+         "--no-sbert", *VISION_CACHE, *limit], log)
     return json.loads((out / "metrics.json").read_text())["results"]
 
 
@@ -125,14 +125,14 @@ def main(argv: list[str] | None = None) -> None:
         if not (d / "export" / "config.json").exists():  # the sweep reuses Table 3's run
             run([py, "train_sfe.py", "--init", args.base, "--data", str(data), "--out", str(d),
                  "--max_steps", str(args.sfe_steps), "--micro_batch", str(SFE_MICRO_BATCH),
-                 *SFE_VISION_CACHE, "--seed", str(seed), *flags], log)
+                 *VISION_CACHE, "--seed", str(seed), *flags], log)
         return str(d / "export")
 
     def dpo(name, seed, init, loss):
         d = out / f"s{seed}" / name
         run([py, "train_edpo.py", "--init", init, "--data", str(data), "--out", str(d),
              "--max_steps", str(args.edpo_steps), "--global_batch", str(EDPO_GLOBAL_BATCH),
-             "--seed", str(seed), "--loss", loss], log)
+             *VISION_CACHE, "--seed", str(seed), "--loss", loss], log)
         return str(d / "export")
 
     def write(key, seed, res, file, title):

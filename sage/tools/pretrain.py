@@ -24,6 +24,7 @@ from sage.distributed import (all_reduce_sum, build_model, build_optimizer, clea
                               init_distributed, print0)
 from sage.inference import to_device
 from sage.names import INTERNVIT_KEY_MAP
+from sage.models.feature_cache import attach_vision_cache
 from sage.runs import check_run_dir, export_model, resume, save_checkpoint, start_run
 from sage.tokenizer import Tokenizer
 from sage.tools.args import Parser, add_optim_args, add_runtime_args, at_least, load_records
@@ -82,6 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.vision:  # a perceiving tower under the fresh VLM (the tiny stand-in for InternViT-6B)
         report = load_into(model.vision, args.vision, INTERNVIT_KEY_MAP)
         print0(f"loaded {args.vision}: {report}")
+    attach_vision_cache(model, args.vision_cache_gb, sync=True)  # after the tower is loaded
     optimizer = build_optimizer(model, lr, args.weight_decay, dist.device)
 
     # ------------------------------------------------------------------------- data
@@ -142,6 +144,8 @@ def main(argv: list[str] | None = None) -> None:
                             keep_last=args.keep_last)
 
     # ------------------------------------------------------------------------- export, cleanup
+    if model.vision_cache is not None:
+        print0(f"rank 0's {model.vision_cache.stats()}")
     export_model(model, cfg, tokenizer, run_dir / "export", dist.rank,
                  dtype=getattr(torch, args.export_dtype))
     print0(f"exported {run_dir / 'export'}")

@@ -33,9 +33,10 @@ EDPO_GLOBAL_BATCH = 16  # instances per E-DPO step (2 pairs, 4 sequences each): 
 # normalised by the global answer-token count), larger matmuls (docs/experiments.md, "The
 # quickstart's step time")
 SFE_MICRO_BATCH = 32
-# SFE reuses the frozen InternViT's features from the second epoch on (sage.models.
-# feature_cache): 1,800 SynthAD images take 230 MB, 900 groups 700 MB
-SFE_VISION_CACHE = ["--vision_cache_gb", "2"]
+# every stage reuses the frozen InternViT's features of a tile it has seen (sage.models.
+# feature_cache): SynthAD asks 5 questions of each test image, SFE runs 4 epochs, the
+# evaluation both settings; SFE's 600 distinct tiles take 75 MiB
+VISION_CACHE = ["--vision_cache_gb", "2"]
 
 
 def run(cmd: list[str], log: Path) -> None:
@@ -117,14 +118,15 @@ def main(argv: list[str] | None = None) -> None:
          "--judge", "oracle", "--in_place"], log)
     run([py, "train_sfe.py", "--init", args.base, "--data", str(data), "--out",
          str(out / "sfe"), "--max_steps", str(args.sfe_steps), "--micro_batch",
-         str(SFE_MICRO_BATCH), *SFE_VISION_CACHE, "--seed", str(args.seed)], log)
+         str(SFE_MICRO_BATCH), *VISION_CACHE, "--seed", str(args.seed)], log)
     run([py, "train_edpo.py", "--init", str(out / "sfe" / "export"), "--data", str(data),
          "--out", str(out / "edpo"), "--max_steps", str(args.edpo_steps),
-         "--global_batch", str(EDPO_GLOBAL_BATCH), "--seed", str(args.seed)], log)
+         "--global_batch", str(EDPO_GLOBAL_BATCH), *VISION_CACHE, "--seed", str(args.seed)],
+        log)
     run([py, "evaluate.py", "--model", args.base, str(out / "sfe" / "export"),
          str(out / "edpo" / "export"), "--names", "Base", "SFE", "SFE+E-DPO",
          "--data", str(data), "--split", "test_unseen", "--setting", "both",
-         "--out", str(out / "eval"), *limit], log)
+         "--out", str(out / "eval"), *VISION_CACHE, *limit], log)
     print(f"\nquickstart done in {time.time() - t0:.0f} s; report: {out / 'eval' / 'report.md'}")
 
 
