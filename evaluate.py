@@ -31,6 +31,7 @@ import torch
 
 import sage
 from sage.data import Collator, SFEDataset
+from sage.data.images import image_cache
 from sage.data.oracle import extract_decision
 from sage.distributed import (all_reduce_sum, barrier, cleanup, gather_objects,
                               init_distributed, print0)
@@ -89,9 +90,10 @@ p.add_argument("--out", default="runs/eval",
 p.add_argument("--visualize", type=at_least(0), default=0,
                help="write patch-selection PNGs of N pairs")
 p.add_argument("--vision_cache_gb", type=at_least(0.0, float), default=0.0,
-               help="per model, keep InternViT's output per tile in up to this much host memory "
-                    "(a test image asked several questions, in both settings, is encoded once; "
-                    "sage.models.feature_cache; 0: off)")
+               help="keep the decoded image tiles (all models) and, per model, InternViT's "
+                    "output per tile in up to this much host memory each (a test image asked "
+                    "several questions, in both settings, is read and encoded once; "
+                    "sage.data.images.ImageCache, sage.models.feature_cache; 0: off)")
 p.add_argument("--seed", type=int, default=0, help="sampling seed")
 p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
 args = p.parse_args()
@@ -148,6 +150,8 @@ print0(f"{len(records)} records from {args.split}; models {names}; settings {set
 # ----------------------------------------------------------------------------- predictions
 part = open(out_dir / f"predictions.part{dp_rank:03d}.jsonl", "w") if writer else None
 predictions = []
+# decoded tiles: shared by every model whose config tiles alike (the key holds the tiling)
+images = image_cache(args.vision_cache_gb)
 for name, model_dir in zip(names, args.model):
     if copies.tp_mesh is not None:
         model = load_sharded(model_dir, copies.tp_mesh, dtype=dtype, device=dist.device)
@@ -166,7 +170,7 @@ for name, model_dir in zip(names, args.model):
     # the ranks of one copy must sample the same tokens: seed by copy, not by rank
     gen = torch.Generator(device=dist.device).manual_seed(args.seed + dp_rank)
     for setting in settings:
-        ds = SFEDataset(records, args.data, model.cfg, setting=setting)
+        ds = SFEDataset(records, args.data, model.cfg, setting=setting, images=images)
         progress = Progress(f"{name} {setting}", len(mine), "answers", printer=print0)
         local = []
         for s in range(0, len(mine), args.batch_size):

@@ -32,6 +32,7 @@ import torch
 
 from sage.config import SageConfig
 from sage.data import EDPOCollator, EDPODataset, ResumableDistributedSampler
+from sage.data.images import image_cache
 from sage.distributed import (all_reduce_sum, build_model, build_optimizer, cleanup,
                               init_distributed, print0)
 from sage.inference import to_device
@@ -110,7 +111,8 @@ records = load_records(Path(args.data) / f"{args.split}.jsonl", "qa", args.skip_
 # ----------------------------------------------------------------------------- data
 tokenizer = Tokenizer.from_pretrained(args.init)
 settings = ["one-shot", "zero-shot"] if args.setting == "mixed" else [args.setting]
-datasets = {s: EDPODataset(records, args.data, cfg, setting=s) for s in settings}
+images = image_cache(args.vision_cache_gb)
+datasets = {s: EDPODataset(records, args.data, cfg, setting=s, images=images) for s in settings}
 collate = EDPOCollator(tokenizer, cfg, pairs=pairs, temperature=args.tau, max_len=args.max_len)
 sampler = ResumableDistributedSampler(len(records), dist.rank, dist.world_size, seed=args.seed)
 

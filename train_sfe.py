@@ -22,6 +22,7 @@ import torch
 
 from sage.config import LITERAL_FUSION, SageConfig
 from sage.data import Collator, ResumableDistributedSampler, SFEDataset
+from sage.data.images import image_cache
 from sage.distributed import (all_reduce_sum, build_model, build_optimizer, cleanup,
                               init_distributed, print0)
 from sage.inference import to_device
@@ -100,7 +101,8 @@ optimizer = build_optimizer(model, lr, args.weight_decay, dist.device)
 
 # ----------------------------------------------------------------------------- data
 settings = ["one-shot", "zero-shot"] if args.setting == "mixed" else [args.setting]
-datasets = {s: SFEDataset(records, args.data, cfg, setting=s) for s in settings}
+images = image_cache(args.vision_cache_gb)
+datasets = {s: SFEDataset(records, args.data, cfg, setting=s, images=images) for s in settings}
 collate = Collator(tokenizer, cfg, facts_mode=cfg.facts_mode, max_len=args.max_len)
 sampler = ResumableDistributedSampler(len(records), dist.rank, dist.world_size, seed=args.seed)
 print0(f"data: {len(records)} records from {data_file}; global batch {args.global_batch} = "

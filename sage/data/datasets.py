@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from sage.config import SageConfig
-from sage.data.images import load_image_for
+from sage.data.images import ImageCache, load_image_for
 
 SETTINGS = ("one-shot", "zero-shot")
 
@@ -29,7 +29,8 @@ class RecordDataset(Dataset):
     """Records + image loading shared by the three datasets."""
 
     def __init__(self, records: list[dict], root: str | Path, cfg: SageConfig,
-                 setting: str = "one-shot"):
+                 setting: str = "one-shot", images: ImageCache | None = None):
+        self.images = images  # decoded tiles shared across datasets and epochs (or None)
         if setting not in SETTINGS:
             raise ValueError(f"setting={setting!r}: expected one of {SETTINGS}")
         self.records, self.root, self.cfg, self.setting = records, Path(root), cfg, setting
@@ -44,7 +45,10 @@ class RecordDataset(Dataset):
         return len(self.records)
 
     def load(self, rel: str) -> torch.Tensor:
-        """Record image path (relative to root) -> (tiles, 3, S, S) with the config's tiling."""
+        """Record image path (relative to root) -> (tiles, 3, S, S) with the config's tiling
+        (from self.images when set: shared, not to be modified in place)."""
+        if self.images is not None:
+            return self.images.load(self.root / rel, self.cfg)
         return load_image_for(self.root / rel, self.cfg)
 
     def example(self, i: int) -> dict:
@@ -69,8 +73,8 @@ class EDPODataset(RecordDataset):
     sub-scores (L, 3), which sage.losses turns into the pair choice (Eq. 3-5)."""
 
     def __init__(self, records: list[dict], root: str | Path, cfg: SageConfig,
-                 setting: str = "one-shot"):
-        super().__init__(records, root, cfg, setting)
+                 setting: str = "one-shot", images: ImageCache | None = None):
+        super().__init__(records, root, cfg, setting, images)
         for r in records:
             if r.get("mle") is None:
                 raise ValueError(f"record {r['id']!r} has no 'mle' judge scores (needed by "
@@ -88,8 +92,9 @@ class GeneralDataset(RecordDataset):
     Pair it with `Collator(..., facts_mode="none")`: general records carry no facts.
     """
 
-    def __init__(self, records: list[dict], root: str | Path, cfg: SageConfig):
-        super().__init__(records, root, cfg, setting="zero-shot")
+    def __init__(self, records: list[dict], root: str | Path, cfg: SageConfig,
+                 images: ImageCache | None = None):
+        super().__init__(records, root, cfg, setting="zero-shot", images=images)
 
     def __getitem__(self, i: int) -> dict:
         ex = self.example(i)

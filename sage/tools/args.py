@@ -142,8 +142,9 @@ def add_runtime_args(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--cpu_offload", action=BooleanOptionalAction, default=False,
                    help="FSDP2 CPU offload of params, grads and optimizer state")
     p.add_argument("--vision_cache_gb", type=at_least(0.0, float), default=0.0,
-                   help="keep the frozen InternViT's output per tile in up to this much host "
-                        "memory and reuse it (sage.models.feature_cache; 0: off)")
+                   help="keep the decoded image tiles and the frozen InternViT's output per "
+                        "tile in up to this much host memory each and reuse them "
+                        "(sage.data.images.ImageCache, sage.models.feature_cache; 0: off)")
     p.add_argument("--log_every", type=at_least(1), default=10, help="status line every N steps")
     p.add_argument("--device", default=None, help="cuda or cpu (None: cuda if available)")
     p.add_argument("--export_dtype", default="bfloat16",

@@ -20,6 +20,7 @@ import torch
 from sage.checkpoint import load_into
 from sage.config import SageConfig
 from sage.data import Collator, GeneralDataset, ResumableDistributedSampler
+from sage.data.images import image_cache
 from sage.distributed import (all_reduce_sum, build_model, build_optimizer, cleanup,
                               init_distributed, print0)
 from sage.inference import to_device
@@ -87,7 +88,8 @@ def main(argv: list[str] | None = None) -> None:
     optimizer = build_optimizer(model, lr, args.weight_decay, dist.device)
 
     # ------------------------------------------------------------------------- data
-    dataset = GeneralDataset(records, args.data, cfg)
+    images = image_cache(args.vision_cache_gb)
+    dataset = GeneralDataset(records, args.data, cfg, images=images)
     collate = Collator(tokenizer, cfg, facts_mode="none", max_len=args.max_len)
     sampler = ResumableDistributedSampler(len(records), dist.rank, dist.world_size,
                                           seed=args.seed)

@@ -1,11 +1,13 @@
-"""InternVL image preprocessing: shapes, ImageNet normalisation, dynamic tiling counts and order.
+"""InternVL image preprocessing: shapes, ImageNet normalisation, dynamic tiling counts and order;
+ImageCache (the same tiles, read once, a rewritten file read again, the budget).
 Run: python -m pytest -q tests/data/test_images.py"""
 
 import pytest
 import torch
 from PIL import Image
 
-from sage.data.images import closest_grid, load_image, target_ratios
+from sage.config import SageConfig
+from sage.data.images import ImageCache, closest_grid, load_image, load_image_for, target_ratios
 
 
 def test_constant_image_normalisation(tmp_path):
@@ -61,3 +63,43 @@ def test_errors_name_the_path(tmp_path):
     bad.write_bytes(b"garbage")
     with pytest.raises(ValueError, match="cannot decode image .*bad.png"):
         load_image(bad, 14)
+
+
+def test_image_cache_reads_each_file_once_and_again_when_rewritten(tmp_path, monkeypatch):
+    import os
+
+    import sage.data.images as images
+    cfg = SageConfig.preset("tiny")
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    Image.new("RGB", (40, 30), (255, 0, 128)).save(a)
+    Image.new("L", (30, 40), 7).save(b)
+    reads = []
+    real = images.load_image_for
+    monkeypatch.setattr(images, "load_image_for", lambda p, c: reads.append(p) or real(p, c))
+    cache = ImageCache(max_bytes=1 << 30)
+    for path in (a, b, a, b, a):
+        torch.testing.assert_close(cache.load(path, cfg), load_image_for(path, cfg),
+                                   atol=0, rtol=0)
+    assert reads == [a, b] and len(cache.store) == 2
+    Image.new("RGB", (40, 30), (0, 255, 0)).save(a)  # rewritten: another mtime
+    os.utime(a, ns=(1, 1))
+    torch.testing.assert_close(cache.load(a, cfg), load_image_for(a, cfg), atol=0, rtol=0)
+    assert reads == [a, b, a]
+    with pytest.raises(FileNotFoundError, match="image not found"):
+        cache.load(tmp_path / "missing.png", cfg)
+
+
+def test_image_cache_stops_storing_at_the_budget(tmp_path):
+    cfg = SageConfig.preset("tiny")
+    S = cfg.vision.image_size
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"{i}.png")
+        Image.new("RGB", (20, 20), (i, 0, 0)).save(paths[-1])
+    cache = ImageCache(max_bytes=2 * 3 * S * S * 4)  # two fp32 tiles
+    for p in paths:
+        cache.load(p, cfg)
+    assert len(cache.store) == 2 and cache.bytes == 2 * 3 * S * S * 4
+    torch.testing.assert_close(cache.load(paths[2], cfg), load_image_for(paths[2], cfg))
+    with pytest.raises(ValueError, match="max_bytes"):
+        ImageCache(0)
