@@ -122,6 +122,14 @@ def test_sfe_vision_cache_two_processes_match_one_without(base, synth, tmp_path)
     assert encoded < asked * 0.7, proc.stdout[-2000:]
 
 
+def test_sfe_cache_benchmark_prints_the_ratio_and_equal_losses(base, synth):
+    proc = run("-m", "sage.tools.bench.sfe_cache", "--init", str(base), "--data", str(synth),
+               "--steps", "3", "--micro_batch", "8")
+    assert "ratio with / without:" in proc.stdout and "tiles encoded" in proc.stdout
+    gap = float(re.search(r"largest loss difference over the steps: (\S+)", proc.stdout)[1])
+    assert gap < 1e-3, proc.stdout
+
+
 def test_sfe_resume_matches_straight_run(base, synth, tmp_path):
     common = ["train_sfe.py", "--init", str(base), "--data", str(synth), "--max_steps", "4",
               *SMALL]
