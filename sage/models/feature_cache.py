@@ -2,9 +2,9 @@
 
 SFE trains the adapter, the fusion attention and the LLM; InternViT is frozen (docs/design.md
 §2) and there is no augmentation, so a tile's visual features are the same every epoch. The
-quickstart's 200 SFE steps show each of SynthAD's 1,500 test images about four times and each
-reference image far more often (five questions share one), and the frozen encoder was a third
-of the step on 2 cores (docs/experiments.md, "The vision feature cache").
+quickstart's 200 SFE steps ask for 9,600 tiles of 600 distinct images (SynthAD asks five
+questions of each of its 300 test images, each with one reference), and the frozen encoder
+was about a quarter of a step on 2 cores (docs/performance.md, "The vision caches").
 
 The key is the tile's pixels themselves (a BLAKE2b digest of its bytes, shape and dtype), so
 there is no file name or mtime to go stale: the same pixels give the same features as long as
@@ -38,7 +38,7 @@ def tile_key(tile: torch.Tensor) -> bytes:
     """One CPU tile (3, S, S) -> a 16-byte digest of its values, shape and dtype."""
     h = hashlib.blake2b(digest_size=16)
     h.update(f"{tuple(tile.shape)}{tile.dtype}".encode())
-    h.update(tile.contiguous().numpy().tobytes())
+    h.update(tile.contiguous().view(torch.uint8).numpy().tobytes())  # any dtype, bf16 too
     return h.digest()
 
 

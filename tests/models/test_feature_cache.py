@@ -28,6 +28,8 @@ def test_tile_key_follows_values_shape_and_dtype():
     assert tile_key(b) != tile_key(a)
     assert tile_key(a.reshape(3, 2, 8)) != tile_key(a)
     assert tile_key(a.double()) != tile_key(a)
+    c = torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(0)).bfloat16()
+    assert tile_key(c) == tile_key(c.clone()) != tile_key(c.float())
 
 
 def test_encodes_each_new_tile_once_and_returns_the_encoders_output():
