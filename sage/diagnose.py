@@ -301,3 +301,8 @@ def comparison_report(model, records: list[dict], root: str, folds: int = 5) -> 
             out[f"probe_fusion_{setting}"] = probe_auroc(t_s.flatten(1), labels, folds)
             out[f"probe_{setting}"] = probe_auroc(x.flatten(1), labels, folds)
     return out
+
+
+if __name__ == "__main__":  # a library module; its command line is a tool
+    raise SystemExit("error: the command line is `python -m sage.tools.diagnose` "
+                     "(--help for usage)")

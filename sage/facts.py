@@ -217,3 +217,8 @@ def fill_records(records: list[dict], cache: FactCache, n_facts: int, out: Path)
                              f"in {cache.path}")
         filled.append({**r, "facts": cache.facts(r["test_image"])[:n_facts]})
     write_jsonl(filled, out)
+
+
+if __name__ == "__main__":  # a library module; its command line is a tool
+    raise SystemExit("error: the command line is `python -m sage.tools.facts` "
+                     "(--help for usage)")

@@ -397,3 +397,8 @@ def score_records(records: list[dict], judge: Judge, workers: int = 8, rescore: 
         elif rec.get("mle") is not None:
             rep.n_kept_old += 1  # a failed rescore never removes the earlier score
     return rep
+
+
+if __name__ == "__main__":  # a library module; its command line is a tool
+    raise SystemExit("error: the command line is `python -m sage.tools.mle` "
+                     "(--help for usage)")

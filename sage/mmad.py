@@ -124,3 +124,8 @@ def format_mmad_report(table: dict, name: str = "model") -> str:
     for t, v in table.items():
         lines.append(f"| {t} | {v['n']} | {v['accuracy']:.2f} | {v['no_letter']} |")
     return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # a library module; its command line is a tool
+    raise SystemExit("error: the command line is `python -m sage.tools.mmad` "
+                     "(--help for usage)")

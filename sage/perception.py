@@ -176,3 +176,8 @@ def pretrain(vit: InternViT, train: dict, steps: int, lr: float = 1e-3, batch: i
             print(json.dumps(row), flush=True)
     vit.eval()
     return log
+
+
+if __name__ == "__main__":  # a library module; its command line is a tool
+    raise SystemExit("error: the command line is `python -m sage.tools.perception` "
+                     "(--help for usage)")

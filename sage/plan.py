@@ -282,3 +282,8 @@ def plan_jobs(cfg: SageConfig, world: int = 8, gpu_gib: float = 80.0, global_bat
     for _, options in jobs.values():
         options["cpu_offload"] = cpu_offload if "tp" not in options else False
     return jobs
+
+
+if __name__ == "__main__":  # a library module; its command line is a tool
+    raise SystemExit("error: the command line is `python -m sage.tools.plan` "
+                     "(--help for usage)")

@@ -70,3 +70,8 @@ def visualize_selection(model, example: dict, test_image, reference_image, out) 
     selected = idx[0, :model.cfg.top_k].tolist()
     return selection_png(open_rgb(test_image), open_rgb(reference_image), scores, selected,
                          int(P**0.5), out)
+
+
+if __name__ == "__main__":  # a library module; its command line is a tool
+    raise SystemExit("error: the command line is `python -m sage.tools.visualize` "
+                     "(--help for usage)")

@@ -24,8 +24,8 @@ from sage.data.images import image_cache
 from sage.distributed import (all_reduce_sum, build_model, build_optimizer, cleanup,
                               init_distributed, print0)
 from sage.inference import to_device
-from sage.names import INTERNVIT_KEY_MAP
 from sage.models.feature_cache import attach_vision_cache
+from sage.names import INTERNVIT_KEY_MAP
 from sage.runs import check_run_dir, export_model, resume, save_checkpoint, start_run
 from sage.tokenizer import Tokenizer
 from sage.tools.args import Parser, add_optim_args, add_runtime_args, at_least, load_records

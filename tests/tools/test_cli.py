@@ -28,6 +28,18 @@ def test_the_tool_list_is_complete():
         "train_step"}
 
 
+def test_library_modules_point_to_their_tool():
+    """`python -m sage.diagnose` (the name the issues use) says which command to run instead of
+    doing nothing."""
+    mods = ["diagnose", "facts", "mle", "mmad", "perception", "plan", "tokenizer", "visualize"]
+    procs = {m: subprocess.Popen([sys.executable, "-m", f"sage.{m}", "--help"], cwd=ROOT,
+                                 env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True) for m in mods}
+    for mod, proc in procs.items():
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 1 and f"python -m sage.tools.{mod}`" in err, f"{mod}: {err}"
+
+
 def test_every_tool_answers_help():
     # all at once: each start imports torch (seconds), the machine has few cores
     procs = {t: subprocess.Popen([sys.executable, "-m", t, "--help"], cwd=ROOT, env=ENV,
