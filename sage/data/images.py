@@ -129,8 +129,9 @@ class ImageCache:
     """load_image_for's tiles by file, kept in memory up to `max_bytes` (then no more are
     added: an epoch larger than the budget still hits on the part that fits). A training run
     reads the same files every epoch, SynthAD asks five questions of each image, and decoding
-    plus normalising was 3-7 ms an image on 2 cores: 10-15% of an SFE step once InternViT's
-    output is cached too (sage.models.feature_cache; both behind --vision_cache_gb).
+    plus normalising took 3-7 ms an image on 2 cores, 48 images in an average SFE step: a tenth
+    of the step or more once InternViT's output is cached too (sage.models.feature_cache; both
+    behind --vision_cache_gb).
 
     The key is the path with the file's size and modification time and the config's tiling,
     so a file rewritten during the run is read again. The tensor returned is shared between
