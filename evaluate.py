@@ -165,7 +165,7 @@ for name, model_dir in zip(names, args.model):
         model.cfg = dataclasses.replace(model.cfg, system_message=args.system_message)
     model.requires_grad_(False)  # inference only; a frozen encoder is what the cache needs
     # each process (or tensor-parallel copy, whose ranks share batches) on its own
-    attach_vision_cache(model, args.vision_cache_gb, sync=False)
+    attach_vision_cache(model, args.vision_cache_gb, agree=None)
     collate = Collator(model.tokenizer, model.cfg, for_generation=True)
     # the ranks of one copy must sample the same tokens: seed by copy, not by rank
     gen = torch.Generator(device=dist.device).manual_seed(args.seed + dp_rank)

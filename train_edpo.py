@@ -136,7 +136,8 @@ if ref_table is None:
     reference.tokenizer = tokenizer
     reference.eval()
     # FSDP over the world: the ranks run the encoder together; a --tp copy's ranks share batches
-    attach_vision_cache(reference, args.vision_cache_gb, sync=copies.tp_mesh is None)
+    attach_vision_cache(reference, args.vision_cache_gb,
+                        agree=all_reduce_sum if copies.tp_mesh is None else None)
 if args.ref_cache and ref_table is None:
     progress = Progress("reference log-probs", len(records) * len(settings), "records",
                         printer=print0)
@@ -159,7 +160,7 @@ model = build_model(cfg, dist, args.init, stage="edpo",
                     activation_checkpointing=args.activation_checkpointing,
                     cpu_offload=args.cpu_offload, init_seed=args.seed)
 model.tokenizer = tokenizer
-attach_vision_cache(model, args.vision_cache_gb, sync=True)  # InternViT is frozen here
+attach_vision_cache(model, args.vision_cache_gb, agree=all_reduce_sum)  # a frozen InternViT
 optimizer = build_optimizer(model, lr, args.weight_decay, dist.device)
 start_run(run_dir, vars(args), dist.rank, cfg.to_dict())  # lock, clean partial saves, config.json
 

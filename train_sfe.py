@@ -96,7 +96,7 @@ model = build_model(cfg, dist, args.init, stage="sfe",
                     activation_checkpointing=args.activation_checkpointing,
                     cpu_offload=args.cpu_offload, init_seed=args.seed)
 model.tokenizer = tokenizer
-attach_vision_cache(model, args.vision_cache_gb, sync=True)  # the encoder is frozen here
+attach_vision_cache(model, args.vision_cache_gb, agree=all_reduce_sum)  # a frozen encoder
 optimizer = build_optimizer(model, lr, args.weight_decay, dist.device)
 
 # ----------------------------------------------------------------------------- data

@@ -6,7 +6,8 @@ quickstart's 200 SFE steps ask for 9,600 tiles of 600 distinct images (SynthAD a
 questions of each of its 300 test images, each with one reference), and the frozen encoder
 was about a quarter of a step on 2 cores (docs/performance.md, "The vision caches").
 
-The key is the tile's pixels themselves (a BLAKE2b digest of its bytes, shape and dtype), so
+The key is the tile's pixels themselves (a SHA-256 digest of its bytes, shape and dtype;
+SHA-256 because CPUs hash it in hardware: 0.4 ms a 224-px tile here, BLAKE2b 1.2 ms), so
 there is no file name or mtime to go stale: the same pixels give the same features as long as
 the encoder's weights do not change, and a model with a trainable encoder never uses the cache
 (SageModel.encode_images). Entries live on the CPU whatever the device (a tile of
@@ -15,13 +16,13 @@ encoder's forward) and are added until `max_bytes` is reached, then no more: no 
 an epoch larger than the budget still hits on the part that fits instead of thrashing.
 
 Under FSDP every rank must run the sharded encoder together (its forward all-gathers the
-parameters) on batches of its own, so with `sync` the ranks agree on whether any of them
-misses (one all-reduce per call) and each runs the encoder on its own misses, possibly none.
-Without it each process decides alone: a whole model per process, or the ranks of one
-tensor-parallel copy, which see the same batches and so miss together (evaluate.py, the
-E-DPO reference pass with --tp).
+parameters) on batches of its own, so `agree` (sage.distributed.all_reduce_sum there) sums
+the ranks' miss counts once per call, and when any rank misses each runs the encoder on its
+own misses, possibly none. Without it each process decides alone: a whole model per process,
+or the ranks of one tensor-parallel copy, which see the same batches and so miss together
+(evaluate.py, the E-DPO reference pass with --tp).
 
-    cache = FeatureCache(max_bytes=2 << 30, sync=True)
+    cache = FeatureCache(max_bytes=2 << 30, agree=all_reduce_sum)
     feats = cache(pixel_values, encode)  # encode: (n, 3, S, S) -> (n, T, D), called on misses
 """
 
@@ -31,33 +32,24 @@ import hashlib
 from collections.abc import Callable
 
 import torch
-import torch.distributed as td
+
+Agree = Callable[[torch.Tensor], torch.Tensor]  # a sum over the ranks that encode together
 
 
 def tile_key(tile: torch.Tensor) -> bytes:
-    """One CPU tile (3, S, S) -> a 16-byte digest of its values, shape and dtype."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(f"{tuple(tile.shape)}{tile.dtype}".encode())
-    h.update(tile.contiguous().view(torch.uint8).numpy().tobytes())  # any dtype, bf16 too
+    """One CPU tile (3, S, S) -> a digest of its values, shape and dtype."""
+    h = hashlib.sha256(f"{tuple(tile.shape)}{tile.dtype}".encode())
+    h.update(tile.contiguous().view(torch.uint8).numpy())  # any dtype, bf16 too; no copy
     return h.digest()
-
-
-def any_rank(n: int, device: torch.device) -> int:
-    """The largest n over the ranks of the default process group (n itself without one)."""
-    if not (td.is_available() and td.is_initialized() and td.get_world_size() > 1):
-        return n
-    t = torch.tensor([n], device=device)
-    td.all_reduce(t, op=td.ReduceOp.MAX)
-    return int(t.item())
 
 
 class FeatureCache:
     """Encoder outputs by tile content; see the module docstring."""
 
-    def __init__(self, max_bytes: int, sync: bool = False):
+    def __init__(self, max_bytes: int, agree: Agree | None = None):
         if max_bytes <= 0:
             raise ValueError(f"FeatureCache: max_bytes={max_bytes} must be > 0")
-        self.max_bytes, self.sync = max_bytes, sync
+        self.max_bytes, self.agree = max_bytes, agree
         self.store: dict[bytes, torch.Tensor] = {}
         self.bytes = self.hits = self.misses = 0
 
@@ -68,13 +60,18 @@ class FeatureCache:
             raise ValueError("FeatureCache: no tiles to encode")
         keys = [tile_key(t) for t in pixels.detach().cpu()]  # one copy from the device
         # a tile twice in one batch (a reference shared by several questions) is encoded once
-        first = {k: i for i, k in reversed(list(enumerate(keys))) if k not in self.store}
-        todo = sorted(first.values())
+        first: dict[bytes, int] = {}
+        for i, k in enumerate(keys):
+            if k not in self.store:
+                first.setdefault(k, i)
+        todo = list(first.values())  # in batch order
         self.hits += len(keys) - len(todo)
         self.misses += len(todo)
+        n = len(todo)
+        if self.agree is not None:  # FSDP: every rank encodes when any misses, maybe no tiles
+            n = int(self.agree(torch.tensor(float(n), device=pixels.device)).item())
         new: dict[bytes, torch.Tensor] = {}
-        if any_rank(len(todo), pixels.device) if self.sync else todo:  # FSDP: every rank
-            # encodes, with no tiles if need be
+        if n:
             out = encode(pixels[todo])  # (len(todo), T, D)
             for j, i in enumerate(todo):
                 new[keys[i]] = out[j]
@@ -95,8 +92,8 @@ class FeatureCache:
                 f"{self.max_bytes / 2**20:.0f}")
 
 
-def attach_vision_cache(model, gib: float, sync: bool) -> None:
+def attach_vision_cache(model, gib: float, agree: Agree | None) -> None:
     """`model.vision_cache` = a FeatureCache of `gib` GiB where gib > 0 (the scripts'
-    --vision_cache_gb); `sync` as in the module docstring (True for FSDP-sharded models)."""
+    --vision_cache_gb); `agree` as in the module docstring (all_reduce_sum for FSDP models)."""
     if gib > 0:
-        model.vision_cache = FeatureCache(int(gib * 2**30), sync=sync)
+        model.vision_cache = FeatureCache(int(gib * 2**30), agree=agree)

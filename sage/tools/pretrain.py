@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.vision:  # a perceiving tower under the fresh VLM (the tiny stand-in for InternViT-6B)
         report = load_into(model.vision, args.vision, INTERNVIT_KEY_MAP)
         print0(f"loaded {args.vision}: {report}")
-    attach_vision_cache(model, args.vision_cache_gb, sync=True)  # after the tower is loaded
+    attach_vision_cache(model, args.vision_cache_gb, agree=all_reduce_sum)  # after the tower
     optimizer = build_optimizer(model, lr, args.weight_decay, dist.device)
 
     # ------------------------------------------------------------------------- data
