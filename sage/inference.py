@@ -50,7 +50,7 @@ def generate_answers(model, examples: list[dict], collate: Collator | None = Non
 
     model: exposes `cfg`, `tokenizer` and `generate(batch, **gen)` as SageModel does.
     collate: a Collator built with for_generation=True (default: the model's cfg).
-    gen: max_new_tokens, temperature, top_p, generator, use_cache (SageModel.generate).
+    gen: max_new_tokens, temperature, top_p, generator, use_cache, decode (SageModel.generate).
     """
     if collate is None:
         collate = Collator(model.tokenizer, model.cfg, for_generation=True)

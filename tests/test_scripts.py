@@ -235,6 +235,16 @@ def test_evaluate_end_to_end(base, synth, tmp_path):
                                         proc.stdout).groups())
     # 10 test tiles per setting (a plain base VLM never reads the reference); one-shot reuses
     assert asked == 20 and encoded <= 10
+    # static-shape decoding (sage.models.decoding): the same answers; a CUDA graph needs CUDA
+    run("evaluate.py", "--model", str(base), "--names", "Base", "--data", str(synth),
+        "--split", "test_unseen", "--setting", "both", "--limit", "10", "--max_new_tokens", "8",
+        "--out", str(tmp_path / "static"), "--no-sbert", "--decode", "static")
+    static = [json.loads(x) for x in (tmp_path / "static" / "predictions.jsonl").read_text()
+              .split("\n") if x]
+    assert [p["answer"] for p in static] == [p["answer"] for p in preds]
+    proc = run("evaluate.py", "--model", str(base), "--data", str(synth), "--decode", "graph",
+               "--out", str(tmp_path / "graph"), "--device", "cpu", check=False)
+    assert proc.returncode == 2 and "--decode graph records CUDA graphs" in proc.stderr
 
 
 def test_quickstart_fast(base, tmp_path):

@@ -49,6 +49,8 @@ def worker(out: str) -> None:
     result = {"max_diff": float((a - b).abs().max()), "scale": float(a.abs().max()),
               "answers_full": generate_answers(full, examples, max_new_tokens=12),
               "answers_tp": generate_answers(sharded, examples, max_new_tokens=12),
+              "answers_tp_static": generate_answers(sharded, examples, max_new_tokens=12,
+                                                    decode="static"),
               "local_heads": [attn.n_heads, attn.n_kv_heads],
               "cache_heads": cache.k[0].shape[1],
               "local_rows": sharded.llm.layers[0].mlp.gate_proj.weight.to_local().shape[0]}
@@ -75,6 +77,7 @@ def test_tensor_parallel_forward_and_generate_equal_one_process(tmp_path):
     assert r["max_diff"] <= 1e-5 * max(1.0, r["scale"]), r
     assert all(r["answers_full"]), r  # something was generated
     assert r["answers_tp"] == r["answers_full"], r
+    assert r["answers_tp_static"] == r["answers_full"], r  # sage.models.decoding under tp
 
 
 def test_tp_must_divide_heads():

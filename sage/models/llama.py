@@ -130,14 +130,19 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None,
-                kv: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> torch.Tensor:
+                kv: tuple[torch.Tensor, torch.Tensor, int | torch.Tensor] | None = None
+                ) -> torch.Tensor:
         """x (B, T, C); mask (B, 1, T, S) bool or None (= plain causal); kv = (k_buf, v_buf,
-        start) of one layer's cache: the new k/v are written at [start, start + T)."""
+        start) of one layer's cache: the new k/v are written at [start, start + T). A device
+        tensor start is the static cache of sage/models/decoding.py (T = 1, S = the whole
+        buffer): static_decode_attention."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B,Hkv,T,D)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B,Hkv,T,D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv is not None and isinstance(kv[2], torch.Tensor):  # static cache, one new token
+            return self.o_proj(static_decode_attention(q, k, v, mask, *kv))
         if kv is not None:
             k_buf, v_buf, start = kv
             k_buf[:, :, start:start + T] = k
@@ -167,6 +172,28 @@ class Attention(nn.Module):
 _CACHED_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
+def static_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            mask: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor,
+                            at: torch.Tensor) -> torch.Tensor:
+    """One decode token against a whole preallocated cache (sage/models/decoding.py).
+
+    q (B, H, 1, D), k/v (B, Hkv, 1, D); k_buf/v_buf (B, Hkv, S_max, D); at (1,) int64 on the
+    device: the new k/v go to column `at` (index_copy_: no host sync, no shape that changes
+    step to step, so a CUDA graph can replay it); mask (B, 1, 1, S_max) True = a written key.
+    Grouped-query attention without expanding k/v: the H / Hkv query heads that share a KV head
+    become that many queries of one head.   -> (B, 1, H * D)
+    """
+    B, H, _, D = q.shape
+    Hkv = k_buf.shape[1]
+    k_buf.index_copy_(2, at, k.to(k_buf.dtype))
+    v_buf.index_copy_(2, at, v.to(v_buf.dtype))
+    q = q.reshape(B, Hkv, H // Hkv, D)  # (B, Hkv, H/Hkv, D): head h = g * H/Hkv + r
+    with sdpa_kernel(_CACHED_BACKENDS) if q.is_cuda else contextlib.nullcontext():
+        y = F.scaled_dot_product_attention(q, k_buf.to(q.dtype), v_buf.to(q.dtype),
+                                           attn_mask=mask)  # (B, Hkv, H/Hkv, D)
+    return y.reshape(B, 1, H * D)
+
+
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
@@ -192,7 +219,8 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None,
-                kv: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> torch.Tensor:
+                kv: tuple[torch.Tensor, torch.Tensor, int | torch.Tensor] | None = None
+                ) -> torch.Tensor:
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv)
         return h + self.mlp(self.post_attention_layernorm(h))
 

@@ -28,6 +28,7 @@ from sage.config import SageConfig
 from sage.kernels import topk_cosine
 from sage.losses import IGNORE_INDEX, sequence_logprobs
 from sage.models.adapter import Adapter, pixel_shuffle
+from sage.models.decoding import StaticDecoder
 from sage.models.feature_cache import FeatureCache
 from sage.models.fusion import (FactProjection, FusionAttention, difference_features,
                                  gather_tokens)
@@ -71,6 +72,9 @@ def split_by_tiles(v: torch.Tensor, tiles: torch.Tensor) -> tuple[torch.Tensor, 
     return padded, mask
 
 
+DECODES = ("eager", "static", "graph")  # SageModel.generate(decode=...)
+
+
 class SageModel(nn.Module):
     """The full VLM of Fig. 2 (InternVL2 layout) plus SAGE's fusion attention and head."""
 
@@ -88,6 +92,7 @@ class SageModel(nn.Module):
         self.fact_proj = FactProjection(cfg.llm.dim, init_std=cfg.fact_head_init) if fe else None
         self._tokenizer = None
         self.vision_cache: FeatureCache | None = None  # frozen InternViT outputs by tile
+        self.static_decoder: StaticDecoder | None = None  # generate(decode="static" / "graph")
 
     def init_weights(self) -> None:
         for m in (self.vision, self.adapter, self.llm, self.fusion, self.fact_proj):
@@ -266,15 +271,27 @@ class SageModel(nn.Module):
     @torch.no_grad()
     def generate(self, batch: dict, max_new_tokens: int = 64, temperature: float = 0.0,
                  top_p: float = 1.0, generator: torch.Generator | None = None,
-                 use_cache: bool = True) -> torch.Tensor:
-        """Eq. 10: autoregressive answers for a left-padded batch -> new ids (B, n_new)."""
+                 use_cache: bool = True, decode: str = "eager") -> torch.Tensor:
+        """Eq. 10: autoregressive answers for a left-padded batch -> new ids (B, n_new).
+        decode: "eager" (Llama.generate), "static" (sage.models.decoding.StaticDecoder, the
+        same answers with static shapes) or "graph" (that step replayed as a CUDA graph; the
+        decoder is kept for the next batch of the same size)."""
+        if decode not in DECODES:
+            raise ValueError(f"SageModel.generate: decode={decode!r}, expected one of {DECODES}")
         self._special_ids()
         x = self.assemble(batch)
-        return self.llm.generate(inputs_embeds=x, attention_mask=batch["attention_mask"],
-                                 max_new_tokens=max_new_tokens,
-                                 stop_ids=self._tokenizer.stop_ids, temperature=temperature,
-                                 top_p=top_p, generator=generator, use_cache=use_cache,
-                                 pad_id=self._tokenizer.pad_id)
+        gen = dict(max_new_tokens=max_new_tokens, stop_ids=self._tokenizer.stop_ids,
+                   temperature=temperature, top_p=top_p, generator=generator,
+                   pad_id=self._tokenizer.pad_id)
+        if decode == "eager" or not use_cache:
+            return self.llm.generate(inputs_embeds=x, attention_mask=batch["attention_mask"],
+                                     use_cache=use_cache, **gen)
+        need = (x.shape[0], x.shape[1] + max_new_tokens, x.dtype, x.device, decode == "graph")
+        if self.static_decoder is None or not self.static_decoder.fits(*need):
+            self.static_decoder = None  # free the old buffers (and graph) first
+            self.static_decoder = StaticDecoder(self.llm, *need)
+        return self.static_decoder.generate(inputs_embeds=x,
+                                            attention_mask=batch["attention_mask"], **gen)
 
     # -------------------------------------------------------------- loading
 

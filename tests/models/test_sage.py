@@ -169,6 +169,13 @@ def test_generation_cache_and_batching(tok, gen):
     cached = model.generate(batch, max_new_tokens=6)
     uncached = model.generate(batch, max_new_tokens=6, use_cache=False)
     assert torch.equal(cached, uncached)
+    static = model.generate(batch, max_new_tokens=6, decode="static")  # sage.models.decoding
+    decoder = model.static_decoder
+    assert torch.equal(static, cached) and decoder is not None
+    assert torch.equal(model.generate(batch, max_new_tokens=6, decode="static"), cached)
+    assert model.static_decoder is decoder  # the same batch size reuses its buffers
+    with pytest.raises(ValueError, match="decode='fast'"):
+        model.generate(batch, max_new_tokens=6, decode="fast")
     for b, ex in enumerate(exs):
         alone = model.generate(collate([ex]), max_new_tokens=6)[0]
         n = alone.shape[0]

@@ -1,36 +1,51 @@
 #!/usr/bin/env bash
-# Issue 7's GPU checks in one call (a lent GPU's time is scarce): environment, kernel tests,
-# the top-K kernel benchmark, the training-step slice (with and without activation
-# checkpointing; the first one profiled) and batch-1 decoding. Each step has its own time limit,
-# so one hang cannot eat the others; every log goes to $OUT (default runs/gpu_suite).
-#     bash sage/tools/bench/gpu_suite.sh [env decode train train_ac topk tests]   (no argument: all)
+# Every GPU check in one call (a lent GPU's time is scarce): environment, the GPU-only tests,
+# the Eq. 1 kernel benchmark, batch-1/8 decoding (eager, static, CUDA graph), the training-step
+# slice (micro-batch 2 profiled, 4, and with activation checkpointing), and last the compiled
+# decode step. Each step has its own time limit and the whole suite a deadline (TOTAL_S,
+# default 570 s: under 10 minutes), so one hang cannot eat the others; every log goes to $OUT
+# (default runs/gpu_suite).
+#     bash sage/tools/bench/gpu_suite.sh [STEP ...]   (no argument: all, in this order)
 set -u
 OUT=${OUT:-runs/gpu_suite}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=${PY:-python3}
-steps=${*:-env decode train train_ac topk tests}
+TOTAL_S=${TOTAL_S:-570}
+ALL="env tests topk decode train train_b4 train_ac decode_compile"
+steps=${*:-$ALL}
 
-run() {  # run NAME LIMIT_S CMD...: tee the output to $OUT/NAME.txt and time it
+run() {  # run NAME LIMIT_S CMD...: tee the output to $OUT/NAME.txt, time it, stop at the deadline
     local name=$1 limit=$2
     shift 2
+    local left=$((TOTAL_S - SECONDS))
+    if [ "$left" -lt 15 ]; then
+        echo "### $name: skipped, the suite's ${TOTAL_S} s are spent"
+        return
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
     local t0=$SECONDS
-    echo "### $name: $*"
+    echo "### $name (limit ${limit} s): $*"
     timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.txt"
     echo "### $name: rc ${PIPESTATUS[0]} in $((SECONDS - t0)) s"
 }
 
 for step in $steps; do
     case $step in
-        env) run env 60 bash -c "nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,\
+        env) run env 20 bash -c "nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,\
 memory.total --format=csv; $PY -c 'import torch, triton; print(\"torch\", torch.__version__, \
 \"triton\", triton.__version__)'" ;;
-        tests) run tests 90 $PY -m pytest -q -p no:cacheprovider tests/kernels ;;
-        topk) run topk 170 $PY -m sage.tools.bench.topk_cosine --sweep ;;
-        train) run train 180 $PY -m sage.tools.bench.train_step --profile 15
-               run train_b4 120 $PY -m sage.tools.bench.train_step --batch 4 ;;
-        train_ac) run train_ac 120 $PY -m sage.tools.bench.train_step --activation_checkpointing ;;
-        decode) run decode 120 $PY -m sage.tools.bench.decode --profile 12 ;;
-        *) echo "unknown step $step (env decode train train_ac topk tests)"; exit 2 ;;
+        tests) run tests 100 $PY -m pytest -q -rs -p no:cacheprovider tests/kernels \
+               tests/models/test_decoding.py ;;
+        topk) run topk 130 $PY -m sage.tools.bench.topk_cosine --sweep ;;
+        decode) run decode 110 $PY -m sage.tools.bench.decode --modes eager static graph \
+                --profile 12 ;;
+        train) run train 90 $PY -m sage.tools.bench.train_step --profile 15 ;;
+        train_b4) run train_b4 60 $PY -m sage.tools.bench.train_step --batch 4 ;;
+        train_ac) run train_ac 50 $PY -m sage.tools.bench.train_step --activation_checkpointing ;;
+        decode_compile) run decode_compile 120 $PY -m sage.tools.bench.decode --modes compile \
+                        --batch 1 ;;
+        *) echo "unknown step $step ($ALL)"; exit 2 ;;
     esac
 done
+echo "### suite: ${SECONDS} s"

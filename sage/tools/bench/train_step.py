@@ -5,6 +5,10 @@ Forward + backward + AdamW step of SageModel with `--llm_layers` Yi-34B decoder 
 with fp32 gradient reduction, on one GPU (a one-rank process group). Prints tokens/s, achieved
 TFLOP/s, MFU against the GPU's dense bf16 peak, and the measured peak memory next to the
 prediction of `sage.plan.plan_memory` (what `python -m sage.tools.plan` prints) for the same slice.
+MFU is given three ways: the whole one-GPU step (which clips and updates every parameter), a
+rank's step in a `--ranks`-rank run (forward + backward, plus 1/N of the clipping and AdamW
+time, each phase timed alone; the N-rank collectives are not counted) and forward + backward
+alone.
 
     python -m sage.tools.bench.train_step                 # on an H100: the 40B-width slice
     python -m sage.tools.bench.train_step --preset tiny   # CPU smoke run (figures meaningless)
@@ -71,12 +75,15 @@ def step_flops(cfg: SageConfig, B: int, T: int) -> float:
     return float(llm + vit + adapter)
 
 
-def report_cuda(cfg: SageConfig, args, flops: float, dt: float, dt_fb: float) -> None:
-    """MFU of the full step and of forward + backward alone; peak memory against the plan."""
+def report_cuda(cfg: SageConfig, args, flops: float, dt: float, dt_fb: float,
+                dt_n: float) -> None:
+    """MFU of the full step, of a rank's step in an N-rank run and of forward + backward
+    alone; peak memory against the plan."""
     name = torch.cuda.get_device_name()
     peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
     if peak:
         print(f"MFU {100 * flops / dt / peak:.1f}% of {peak / 1e12:.0f} TFLOP/s ({name}); "
+              f"a rank of {args.ranks} (its optimizer share) {100 * flops / dt_n / peak:.1f}%; "
               f"forward + backward alone {100 * flops / dt_fb / peak:.1f}%")
     measured = torch.cuda.max_memory_allocated() / 2**30
     plan = plan_memory(cfg, world=1, gpu_gib=torch.cuda.get_device_properties(0).total_memory
@@ -98,6 +105,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=at_least(1), default=10, help="timed steps (after 3 warm-up)")
     p.add_argument("--activation_checkpointing", action=argparse.BooleanOptionalAction,
                    default=False, help="recompute each block in backward")
+    p.add_argument("--ranks", type=at_least(1), default=8,
+                   help="count one rank's optimizer share (1/N of the parameters) of an N-rank "
+                        "run in the per-rank MFU (the paper's setting: 8 GPUs)")
     p.add_argument("--profile", type=at_least(0), default=0, metavar="N",
                    help="after timing, profile one step and print its N costliest kernels")
     args = p.parse_args(argv)
@@ -132,6 +142,27 @@ def main(argv: list[str] | None = None) -> None:
         sync()
         return (time.perf_counter() - t) / args.steps
 
+    def phases() -> tuple[float, float, float]:
+        """Seconds per step of forward + backward, clipping, AdamW (synchronised between
+        phases, so each is timed alone)."""
+        fb = clip = update = 0.0
+        for _ in range(args.steps):
+            sync()
+            t0 = time.perf_counter()
+            _, loss_sum, n_tok = model(batch)
+            (loss_sum.sum() / n_tok.sum()).backward()
+            sync()
+            t1 = time.perf_counter()
+            grad_norm_and_clip(model, 1.0)
+            sync()
+            t2 = time.perf_counter()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sync()
+            t3 = time.perf_counter()
+            fb, clip, update = fb + t1 - t0, clip + t2 - t1, update + t3 - t2
+        return fb / args.steps, clip / args.steps, update / args.steps
+
     for _ in range(3):
         one_step()
     sync()
@@ -141,6 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     # Without clipping and AdamW: on one GPU the slice's optimizer updates every parameter,
     # while on N ranks each updates 1/N of them, so this is the large-N limit of a rank's step.
     dt_fb = timed(update=False)
+    ph_fb, ph_clip, ph_opt = phases()
     flops = step_flops(cfg, args.batch, args.seq_len)
     tokens = args.batch * args.seq_len
     print(f"slice: {args.preset} width, {args.llm_layers} LLM layers + {args.vit_layers} ViT "
@@ -148,10 +180,17 @@ def main(argv: list[str] | None = None) -> None:
           f"{args.activation_checkpointing}, device {dist.device}")
     print(f"step {dt * 1000:.1f} ms | {tokens / dt:,.0f} tok/s | {flops / dt / 1e12:.1f} TFLOP/s")
     print(f"forward + backward alone {dt_fb * 1000:.1f} ms | {flops / dt_fb / 1e12:.1f} TFLOP/s")
+    # One rank of an N-rank run clips and updates 1/N of the parameters (its shard): count
+    # that share of the optimizer phases. Not counted: the N-rank all-gathers and
+    # reduce-scatters (overlapped with compute by FSDP2's prefetching; none on one GPU).
+    dt_n = ph_fb + (ph_clip + ph_opt) / args.ranks
+    print(f"phases: forward + backward {ph_fb * 1000:.1f} ms, clipping {ph_clip * 1000:.1f} ms, "
+          f"AdamW {ph_opt * 1000:.1f} ms; a rank's step in a {args.ranks}-rank run "
+          f"{dt_n * 1000:.1f} ms | {flops / dt_n / 1e12:.1f} TFLOP/s")
     if args.profile:
         print_profile(lambda: (one_step(), sync()), args.profile, dist.device.type == "cuda")
     if dist.device.type == "cuda":
-        report_cuda(cfg, args, flops, dt, dt_fb)
+        report_cuda(cfg, args, flops, dt, dt_fb, dt_n)
     cleanup()
 
 

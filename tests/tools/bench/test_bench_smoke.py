@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.mark.parametrize("module,expect", [
-    ("sage.tools.bench.decode", "% of the roofline"),
+    ("sage.tools.bench.decode", "| 8 | static |"),
     ("sage.tools.bench.train_step", "tok/s"),
 ])
 def test_cpu_smoke_prints_figures(module, expect):
@@ -21,4 +21,16 @@ def test_cpu_smoke_prints_figures(module, expect):
     proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert expect in proc.stdout
+    assert expect in proc.stdout and "failed" not in proc.stdout
+
+
+def test_gpu_suite_keeps_its_deadline_and_names_its_steps(tmp_path):
+    suite = ROOT / "sage" / "tools" / "bench" / "gpu_suite.sh"
+    env = {**os.environ, "OUT": str(tmp_path), "TOTAL_S": "10"}
+    proc = subprocess.run(["bash", str(suite), "env", "decode"], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("skipped, the suite's 10 s are spent") == 2  # nothing ran
+    proc = subprocess.run(["bash", str(suite), "bogus"], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and "unknown step bogus" in proc.stdout
