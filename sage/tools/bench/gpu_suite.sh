@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check in one call (a lent GPU's time is scarce): environment, the GPU-only tests,
 # the Eq. 1 kernel benchmark, batch-1/8 decoding (eager, static, CUDA graph), the training-step
-# slice (micro-batch 2 profiled, 4, and with activation checkpointing), and last the compiled
-# decode step. Each step has its own time limit and the whole suite a deadline (TOTAL_S,
+# slice as rank 0 of 8 (micro-batch 2 profiled, 4, 4 with activation checkpointing), and last
+# the compiled decode step. Each step has its own time limit and the whole suite a deadline (TOTAL_S,
 # default 570 s: under 10 minutes), so one hang cannot eat the others; every log goes to $OUT
 # (default runs/gpu_suite).
 #     bash sage/tools/bench/gpu_suite.sh [STEP ...]   (no argument: all, in this order)
@@ -40,9 +40,10 @@ memory.total --format=csv; $PY -c 'import torch, triton; print(\"torch\", torch.
         topk) run topk 130 $PY -m sage.tools.bench.topk_cosine --sweep ;;
         decode) run decode 110 $PY -m sage.tools.bench.decode --modes eager static graph \
                 --profile 12 ;;
-        train) run train 90 $PY -m sage.tools.bench.train_step --profile 15 ;;
-        train_b4) run train_b4 60 $PY -m sage.tools.bench.train_step --batch 4 ;;
-        train_ac) run train_ac 50 $PY -m sage.tools.bench.train_step --activation_checkpointing ;;
+        train) run train 90 $PY -m sage.tools.bench.train_step --world 8 --profile 15 ;;
+        train_b4) run train_b4 60 $PY -m sage.tools.bench.train_step --world 8 --batch 4 ;;
+        train_ac) run train_ac 50 $PY -m sage.tools.bench.train_step --world 8 --batch 4 \
+                  --activation_checkpointing ;;
         decode_compile) run decode_compile 120 $PY -m sage.tools.bench.decode --modes compile \
                         --batch 1 ;;
         *) echo "unknown step $step ($ALL)"; exit 2 ;;

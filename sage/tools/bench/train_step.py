@@ -5,10 +5,14 @@ Forward + backward + AdamW step of SageModel with `--llm_layers` Yi-34B decoder 
 with fp32 gradient reduction, on one GPU (a one-rank process group). Prints tokens/s, achieved
 TFLOP/s, MFU against the GPU's dense bf16 peak, and the measured peak memory next to the
 prediction of `sage.plan.plan_memory` (what `python -m sage.tools.plan` prints) for the same slice.
-MFU is given three ways: the whole one-GPU step (which clips and updates every parameter), a
-rank's step in a `--ranks`-rank run (forward + backward, plus 1/N of the clipping and AdamW
-time, each phase timed alone; the N-rank collectives are not counted) and forward + backward
-alone.
+`--world N` runs one rank of an N-rank job in this one process: a "fake" process group (from
+torch's own test utilities) whose collectives return at once, so FSDP2 shards every parameter
+N ways and this process does exactly rank 0's work: the fp32-to-bf16 copy-in of its shards,
+the full forward and backward of its micro-batch, the reduce-scatter copy-in, clipping and AdamW
+on its 1/N. The gathered weights are whatever the buffers held (the loss means nothing; the
+kernels and their sizes are those of the real job); the collectives' time is not counted (FSDP2
+overlaps them with compute). Its peak memory is a rank's, compared with the plan for N ranks.
+The phases of a step (forward + backward, clipping, AdamW) are also timed apart.
 
     python -m sage.tools.bench.train_step                 # on an H100: the 40B-width slice
     python -m sage.tools.bench.train_step --preset tiny   # CPU smoke run (figures meaningless)
@@ -23,7 +27,8 @@ import time
 import torch
 
 from sage.config import SageConfig
-from sage.distributed import build_model, build_optimizer, cleanup, init_distributed
+from sage.distributed import (DistInfo, build_model, build_optimizer, cleanup,
+                              init_distributed)
 from sage.inference import to_device
 from sage.plan import count_params, format_plan, plan_memory
 from sage.tools.args import Parser, at_least
@@ -75,23 +80,53 @@ def step_flops(cfg: SageConfig, B: int, T: int) -> float:
     return float(llm + vit + adapter)
 
 
-def report_cuda(cfg: SageConfig, args, flops: float, dt: float, dt_fb: float,
-                dt_n: float) -> None:
-    """MFU of the full step, of a rank's step in an N-rank run and of forward + backward
-    alone; peak memory against the plan."""
+def report_cuda(cfg: SageConfig, args, flops: float, dt: float, dt_fb: float) -> None:
+    """MFU of the step and of forward + backward alone; peak memory against the plan."""
     name = torch.cuda.get_device_name()
     peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
     if peak:
-        print(f"MFU {100 * flops / dt / peak:.1f}% of {peak / 1e12:.0f} TFLOP/s ({name}); "
-              f"a rank of {args.ranks} (its optimizer share) {100 * flops / dt_n / peak:.1f}%; "
-              f"forward + backward alone {100 * flops / dt_fb / peak:.1f}%")
+        print(f"MFU {100 * flops / dt / peak:.1f}% of {peak / 1e12:.0f} TFLOP/s ({name}, rank 0 "
+              f"of {args.world}); forward + backward alone {100 * flops / dt_fb / peak:.1f}%")
     measured = torch.cuda.max_memory_allocated() / 2**30
-    plan = plan_memory(cfg, world=1, gpu_gib=torch.cuda.get_device_properties(0).total_memory
-                       / 2**30, micro_batch=args.batch, seq_len=args.seq_len, stage="sfe",
-                       activation_checkpointing=args.activation_checkpointing)
-    print(format_plan(plan, "plan for this slice (sage.plan.plan_memory):"))
+    plan = plan_memory(cfg, world=args.world, micro_batch=args.batch, seq_len=args.seq_len,
+                       gpu_gib=torch.cuda.get_device_properties(0).total_memory / 2**30,
+                       stage="sfe", activation_checkpointing=args.activation_checkpointing)
+    print(format_plan(plan, f"plan for this slice on {args.world} rank(s) (sage.plan.plan_memory):"))
     print(f"peak memory measured {measured:.2f} GiB vs planned {plan.total:.2f} GiB "
           f"({100 * (measured / plan.total - 1):+.1f}%)")
+
+
+def fake_world(n: int) -> DistInfo:
+    """Rank 0 of an n-rank world whose collectives do nothing (torch's "fake" backend, used
+    by torch's own tests and memory estimators): FSDP2 shards n ways, nothing is sent."""
+    import torch.distributed as td
+    from torch.testing._internal.distributed.fake_pg import FakeStore  # registers "fake"
+
+    td.init_process_group("fake", rank=0, world_size=n, store=FakeStore())
+    cuda = torch.cuda.is_available()
+    return DistInfo(0, n, 0, torch.device("cuda", 0) if cuda else torch.device("cpu"))
+
+
+def phases(model, opt, batch, steps: int, sync) -> tuple[float, float, float]:
+    """Seconds per step of forward + backward, clipping and AdamW, synchronised between the
+    phases so that each is timed alone."""
+    fb = clip = update = 0.0
+    for _ in range(steps):
+        sync()
+        t0 = time.perf_counter()
+        _, loss_sum, n_tok = model(batch)
+        (loss_sum.sum() / n_tok.sum()).backward()
+        sync()
+        t1 = time.perf_counter()
+        grad_norm_and_clip(model, 1.0)
+        sync()
+        t2 = time.perf_counter()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync()
+        t3 = time.perf_counter()
+        fb, clip, update = fb + t1 - t0, clip + t2 - t1, update + t3 - t2
+    return fb / steps, clip / steps, update / steps
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -105,14 +140,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=at_least(1), default=10, help="timed steps (after 3 warm-up)")
     p.add_argument("--activation_checkpointing", action=argparse.BooleanOptionalAction,
                    default=False, help="recompute each block in backward")
-    p.add_argument("--ranks", type=at_least(1), default=8,
-                   help="count one rank's optimizer share (1/N of the parameters) of an N-rank "
-                        "run in the per-rank MFU (the paper's setting: 8 GPUs)")
+    p.add_argument("--world", type=at_least(1), default=1,
+                   help="run rank 0 of an N-rank FSDP2 job in this process (collectives not "
+                        "sent; the paper's setting: 8)")
     p.add_argument("--profile", type=at_least(0), default=0, metavar="N",
                    help="after timing, profile one step and print its N costliest kernels")
     args = p.parse_args(argv)
 
-    dist = init_distributed()
+    dist = fake_world(args.world) if args.world > 1 else init_distributed()
     base = SageConfig.preset(args.preset)
     cfg = dataclasses.replace(
         base, vision=dataclasses.replace(base.vision, n_layers=args.vit_layers),
@@ -142,55 +177,31 @@ def main(argv: list[str] | None = None) -> None:
         sync()
         return (time.perf_counter() - t) / args.steps
 
-    def phases() -> tuple[float, float, float]:
-        """Seconds per step of forward + backward, clipping, AdamW (synchronised between
-        phases, so each is timed alone)."""
-        fb = clip = update = 0.0
-        for _ in range(args.steps):
-            sync()
-            t0 = time.perf_counter()
-            _, loss_sum, n_tok = model(batch)
-            (loss_sum.sum() / n_tok.sum()).backward()
-            sync()
-            t1 = time.perf_counter()
-            grad_norm_and_clip(model, 1.0)
-            sync()
-            t2 = time.perf_counter()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            sync()
-            t3 = time.perf_counter()
-            fb, clip, update = fb + t1 - t0, clip + t2 - t1, update + t3 - t2
-        return fb / args.steps, clip / args.steps, update / args.steps
-
     for _ in range(3):
         one_step()
     sync()
     if dist.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     dt = timed(update=True)
-    # Without clipping and AdamW: on one GPU the slice's optimizer updates every parameter,
-    # while on N ranks each updates 1/N of them, so this is the large-N limit of a rank's step.
-    dt_fb = timed(update=False)
-    ph_fb, ph_clip, ph_opt = phases()
+    dt_fb = timed(update=False)  # without clipping and AdamW
+    ph_fb, ph_clip, ph_opt = phases(model, opt, batch, args.steps, sync)
     flops = step_flops(cfg, args.batch, args.seq_len)
     tokens = args.batch * args.seq_len
+    local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel()
+                for p in model.parameters())
     print(f"slice: {args.preset} width, {args.llm_layers} LLM layers + {args.vit_layers} ViT "
           f"blocks, micro-batch {args.batch} x {args.seq_len} tokens, activation checkpointing "
-          f"{args.activation_checkpointing}, device {dist.device}")
+          f"{args.activation_checkpointing}, device {dist.device}, torch {torch.__version__}")
+    total = sum(p.numel() for p in model.parameters())  # a DTensor's numel is the global one
+    print(f"rank 0 of {args.world}: holds {local:,} of {total:,} parameters")
     print(f"step {dt * 1000:.1f} ms | {tokens / dt:,.0f} tok/s | {flops / dt / 1e12:.1f} TFLOP/s")
     print(f"forward + backward alone {dt_fb * 1000:.1f} ms | {flops / dt_fb / 1e12:.1f} TFLOP/s")
-    # One rank of an N-rank run clips and updates 1/N of the parameters (its shard): count
-    # that share of the optimizer phases. Not counted: the N-rank all-gathers and
-    # reduce-scatters (overlapped with compute by FSDP2's prefetching; none on one GPU).
-    dt_n = ph_fb + (ph_clip + ph_opt) / args.ranks
     print(f"phases: forward + backward {ph_fb * 1000:.1f} ms, clipping {ph_clip * 1000:.1f} ms, "
-          f"AdamW {ph_opt * 1000:.1f} ms; a rank's step in a {args.ranks}-rank run "
-          f"{dt_n * 1000:.1f} ms | {flops / dt_n / 1e12:.1f} TFLOP/s")
+          f"AdamW {ph_opt * 1000:.1f} ms")
     if args.profile:
         print_profile(lambda: (one_step(), sync()), args.profile, dist.device.type == "cuda")
     if dist.device.type == "cuda":
-        report_cuda(cfg, args, flops, dt, dt_fb, dt_n)
+        report_cuda(cfg, args, flops, dt, dt_fb)
     cleanup()
 
 

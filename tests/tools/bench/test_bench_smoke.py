@@ -2,6 +2,7 @@
 asserted: speed is reported by the benchmarks themselves, on a GPU)."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -34,3 +35,17 @@ def test_gpu_suite_keeps_its_deadline_and_names_its_steps(tmp_path):
     proc = subprocess.run(["bash", str(suite), "bogus"], env=env, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 2 and "unknown step bogus" in proc.stdout
+
+
+def test_train_step_runs_one_rank_of_eight():
+    """--world 8: a fake process group, so this process holds and updates 1/8 of the slice."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, "-m", "sage.tools.bench.train_step", "--preset",
+                           "tiny", "--world", "8"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    local, total = (int(x.replace(",", "")) for x in
+                    re.search(r"rank 0 of 8: holds ([\d,]+) of ([\d,]+) parameters",
+                              proc.stdout).groups())
+    assert total / 8 <= local < total / 6  # dim-0 shards, padded by FSDP2 for uneven rows
+    assert "phases: forward + backward" in proc.stdout
