@@ -20,25 +20,34 @@ Conventions shared by both implementations (the tests hold them to these):
   gradients flow through the gathered features, never through this function.
 
 impl="torch" normalises in fp32, then chunks over P (memory O(B * chunk_size * R)): bmm,
-argmax, stable sort. impl="triton" computes inverse row norms in a small first launch (or,
-when each program sees few reference rows, from the squares of the tiles it loads anyway:
-fuse_norm, measured 2.4x faster at B=32, P=R=256 on an H200 and 1.4x slower at P=R=3328), then
-tiles test x reference dot products (tl.dot, fp32 accumulation: tensor cores for bf16/fp16;
-fp32 inputs use input_precision="ieee", no TF32, for accuracy) and keeps a running max/argmax
-per test token across reference tiles, so the B x P x R matrix never exists; K lowest via
-torch.sort over the (B, P) scores. For small B*P (P=256 gives few test tiles) the reference
-axis is split over n_split programs whose partial (max, argmax) are merged in torch; splits
-cover ascending j ranges, so the first split holding the max keeps the lowest-j tie rule.
-Strided (non-contiguous) inputs are read in place through their strides, no copy; a contiguous
-last dimension gives the vectorised loads. Accuracy (tests): against float64 on the same input
-values both paths agree to 1e-5 for fp32, bf16 and fp16 inputs (bf16/fp16 products are exact
-in fp32); bf16 rounding of fp32 features moves the scores by up to ~2e-2, and the selection
-then only changes among tokens whose float64 scores lie within that of each other.
+argmax, stable sort. impl="triton" is one launch of _nn_cosine_kernel (plus, for long reference
+splits, a small norm pass _inv_norm_kernel) and the output allocations. Each program takes a
+work item (image b, BLOCK_P test rows, one of n_split ascending reference ranges), tiles test x
+reference dot products (tl.dot, fp32 accumulation: tensor cores for bf16/fp16; fp32 inputs use
+input_precision="ieee", no TF32, for accuracy) and keeps a running max/argmax per test token
+over the reference tiles, so the B x P x R matrix never exists; it stores its partial (max,
+argmax) and bumps image b's counter (atomic, acq_rel). The program that finishes b's last work
+item merges the splits (the first split holding the max keeps the lowest-j rule) and takes the
+K lowest scores by K argmins (lowest index on ties), writing indices, scores and ref_indices
+in output order. Limits of that in-launch selection: next_power_of_2(P) <= SELECT_MAX_P and
+K <= SELECT_MAX_K; beyond them, the two-step path nn_scores_triton (partials, merge in torch)
++ select_lowest. Options (topk_cosine_triton): n_split (None: enough work items for about two
+waves), fuse_norm (norms summed inside the kernel when each program sees at most
+FUSE_NORM_MAX_R_SPLIT reference rows; measured, before it got its own loads (_sq_rows), 2.4x
+faster at B=32, P=R=256 on an H200, 1.4x slower at P=R=3328), persistent (one program per SM
+looping over the work items), tma (tensor-descriptor loads, Hopper+). Strided (non-contiguous)
+inputs are read in place through their strides, no copy; a contiguous last dimension gives the
+vectorised loads.
+Accuracy (tests): against float64 on the same input values both paths agree to 1e-5 for fp32,
+bf16 and fp16 inputs (bf16/fp16 products are exact in fp32); bf16 rounding of fp32 features
+moves the scores by up to ~2e-2, and the selection then only changes among tokens whose
+float64 scores lie within that of each other.
 
 Usage: idx, s, j = topk_cosine(v_t, v_r, k=32)  # keys of Eq. 2: v_d = v_t[b, idx] - v_r[b, j]
 """
 
 import contextlib
+import functools
 import operator
 import os
 
@@ -88,11 +97,13 @@ def select_lowest(s: torch.Tensor, j: torch.Tensor, k: int):
 
 
 # ---------------------------------------------------------------------------------------------
-# Triton kernels (jitted on first use; TRITON_INTERPRET=1 must be set before triton's import)
+# Triton kernels (TRITON_INTERPRET=1 must be set before triton's import: triton.language's own
+# jitted helpers, tl.max included, are built for one mode when triton is imported)
 # ---------------------------------------------------------------------------------------------
 
 if triton is not None:
 
+    @triton.jit
     def _inv_norm_kernel(x_ptr, out_ptr, N, C, stride_b, stride_n, stride_c,
                          BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
         """out[b, n] = 1 / max(|x[b, n, :]|_2, EPS), sum of squares in fp32."""
@@ -109,49 +120,80 @@ if triton is not None:
         inv = 1.0 / tl.maximum(tl.sqrt(acc), 1e-12)  # = EPS, F.normalize's clamp
         tl.store(out_ptr + b * N + offs_n, inv, mask=offs_n < N)
 
-    def _nn_cosine_kernel(t_ptr, r_ptr, inv_t_ptr, inv_r_ptr, best_ptr, arg_ptr,
-                          B, P, R, C, R_SPLIT,
-                          st_b, st_p, st_c, sr_b, sr_r, sr_c,
-                          MODE_MIN: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                          FUSE_NORM: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
-                          BLOCK_C: tl.constexpr):
-        """Running max_j (or min_j) of cos(test[b, i], ref[b, j]) over j in this program's split.
-        Grid (cdiv(P, BLOCK_P), n_split, B); writes best/arg[split, b, i] (fp32, int32).
-        FUSE_NORM: sum the squares of the tiles already loaded for the dot instead of reading
-        the inverse norms of _inv_norm_kernel (saves a pass over the inputs; costs CUDA-core
-        work per tile, so it pays when a program sees few reference tiles).
-        max_j (t.r_j / |r_j|) / |t| = max_j cos: 1/|t_i| > 0 is applied once at the end."""
-        pid_p, split, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    @triton.jit
+    def _sq_rows(base, offs_n, mask_n, stride_n, c0, offs_c, C, stride_c):
+        """sum_c x[n, c]^2 over one (BLOCK_N, BLOCK_C) chunk, fp32 -> (BLOCK_N,). FUSE_NORM loads
+        its chunks here rather than squaring the dot's operand tiles: with that second use,
+        Triton 3.6 (and 3.8) pipelines the tile through one shared buffer too few (2 for
+        num_stages=3: the async copy of chunk c + 2 overwrites the buffer the still-running
+        async wgmma of chunk c reads, seen in the sm_90 TTGIR) -- a race that can corrupt dot
+        products, the likely cause of the fused-norm indices that differed from the spec's on
+        an H200 (tests/kernels: test_hopper_compile_gives_each_stage_a_buffer)."""
+        mask = mask_n[:, None] & (c0 + offs_c[None, :] < C)
+        x = tl.load(base + offs_n[:, None] * stride_n + (c0 + offs_c[None, :]) * stride_c,
+                    mask=mask, other=0.0).to(tl.float32)  # (BLOCK_N, BLOCK_C)
+        return tl.sum(x * x, axis=1)
+
+    @triton.jit
+    def _dot_tile(t_base, r_base, t_src, r_src, b, p0, r0, offs_p, mask_p, offs_r, mask_r, P, R,
+                  C, st_p, st_c, sr_r, sr_c, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                  FUSE_NORM: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_P: tl.constexpr,
+                  BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        """test rows p0.. x reference rows r0.. of image b over all C -> dot products acc
+        (BLOCK_P, BLOCK_R) fp32 and, with FUSE_NORM, |r_j|^2 (BLOCK_R,). USE_TMA: t_src/r_src
+        are (B*P, C)/(B*R, C) tensor descriptors; rows past P or R then come from the next
+        image (zeros past the end) and are masked by the caller like the pointer path's."""
         offs_c = tl.arange(0, BLOCK_C)
+        acc = tl.zeros([BLOCK_P, BLOCK_R], dtype=tl.float32)
+        sq_r = tl.zeros([BLOCK_R], dtype=tl.float32)
+        for c0 in range(0, C, BLOCK_C):  # any C: masked tail chunk contributes zeros
+            if USE_TMA:
+                a = t_src.load([b * P + p0, c0])  # (BLOCK_P, BLOCK_C)
+                r = r_src.load([b * R + r0, c0])  # (BLOCK_R, BLOCK_C)
+            else:
+                mask_c = c0 + offs_c < C
+                a = tl.load(t_base + offs_p[:, None] * st_p + (c0 + offs_c[None, :]) * st_c,
+                            mask=mask_p[:, None] & mask_c[None, :], other=0.0)
+                r = tl.load(r_base + offs_r[:, None] * sr_r + (c0 + offs_c[None, :]) * sr_c,
+                            mask=mask_r[:, None] & mask_c[None, :], other=0.0)
+            if UPCAST:  # exact bf16 -> fp32, only for the interpreter (see _launch)
+                a, r = a.to(tl.float32), r.to(tl.float32)
+            acc = tl.dot(a, tl.trans(r), acc, input_precision=PRECISION)  # (BLOCK_P, BLOCK_R)
+            if FUSE_NORM:  # its own load of the tile (an L2 hit), see _sq_rows
+                sq_r += _sq_rows(r_base, offs_r, mask_r, sr_r, c0, offs_c, C, sr_c)
+        return acc, sq_r
+
+    @triton.jit
+    def _nn_tile(t_ptr, r_ptr, t_src, r_src, inv_t_ptr, inv_r_ptr, b, pid_p, split, P, R, C,
+                 R_SPLIT, st_b, st_p, st_c, sr_b, sr_r, sr_c,
+                 MODE_MIN: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                 FUSE_NORM: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_P: tl.constexpr,
+                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        """One work item: running max_j (min_j) of cos(test[b, i], ref[b, j]) for the BLOCK_P test
+        rows of tile pid_p over the reference rows of this split -> best (BLOCK_P,) fp32 (the
+        score s_i), best_j (BLOCK_P,) int32. FUSE_NORM: sum the squares of the rows here
+        (_sq_rows) instead of reading _inv_norm_kernel's inverse norms.
+        max_j (t.r_j / |r_j|) / |t| = max_j cos: 1/|t_i| > 0 is applied once at the end."""
+        p0 = pid_p * BLOCK_P
+        offs_p = p0 + tl.arange(0, BLOCK_P)
         mask_p = offs_p < P
-        t_base = t_ptr + b.to(tl.int64) * st_b
+        t_base = t_ptr + b.to(tl.int64) * st_b  # int64: B * P * C may pass 2**31
         r_base = r_ptr + b.to(tl.int64) * sr_b
         r_lo = split * R_SPLIT
         r_end = r_lo + R_SPLIT  # the last split may reach past R: those rows are masked
         best = tl.full([BLOCK_P], float("-inf"), dtype=tl.float32)
         best_j = tl.zeros([BLOCK_P], dtype=tl.int32)
-        sq_t = tl.zeros([BLOCK_P], dtype=tl.float32)  # FUSE_NORM: |t_i|^2 (carried out of the loop)
+        if FUSE_NORM:  # |t_i|^2 once per work item (its rows are then in L2 for the dots)
+            sq_t = tl.zeros([BLOCK_P], dtype=tl.float32)
+            for c0 in range(0, C, BLOCK_C):
+                sq_t += _sq_rows(t_base, offs_p, mask_p, st_p, c0, tl.arange(0, BLOCK_C), C, st_c)
         for dr in range(0, R_SPLIT, BLOCK_R):  # reference tiles in ascending j order
             r0 = r_lo + dr
             offs_r = r0 + tl.arange(0, BLOCK_R)
             mask_r = (offs_r < R) & (offs_r < r_end)
-            acc = tl.zeros([BLOCK_P, BLOCK_R], dtype=tl.float32)
-            sq_t = tl.zeros([BLOCK_P], dtype=tl.float32)
-            sq_r = tl.zeros([BLOCK_R], dtype=tl.float32)  # FUSE_NORM: |r_j|^2
-            for c0 in range(0, C, BLOCK_C):  # any C: masked tail chunk contributes zeros
-                mask_c = c0 + offs_c < C
-                a = tl.load(t_base + offs_p[:, None] * st_p + (c0 + offs_c[None, :]) * st_c,
-                            mask=mask_p[:, None] & mask_c[None, :], other=0.0)  # (BLOCK_P, BLOCK_C)
-                r = tl.load(r_base + offs_r[:, None] * sr_r + (c0 + offs_c[None, :]) * sr_c,
-                            mask=mask_r[:, None] & mask_c[None, :], other=0.0)  # (BLOCK_R, BLOCK_C)
-                if UPCAST:  # exact bf16 -> fp32, only for the interpreter (see nn_scores_triton)
-                    a, r = a.to(tl.float32), r.to(tl.float32)
-                acc = tl.dot(a, tl.trans(r), acc, input_precision=PRECISION)  # (BLOCK_P, BLOCK_R)
-                if FUSE_NORM:
-                    a32, r32 = a.to(tl.float32), r.to(tl.float32)
-                    sq_t += tl.sum(a32 * a32, axis=1)
-                    sq_r += tl.sum(r32 * r32, axis=1)
+            acc, sq_r = _dot_tile(t_base, r_base, t_src, r_src, b, p0, r0, offs_p, mask_p, offs_r,
+                                  mask_r, P, R, C, st_p, st_c, sr_r, sr_c, PRECISION, UPCAST,
+                                  FUSE_NORM, USE_TMA, BLOCK_P, BLOCK_R, BLOCK_C)
             if FUSE_NORM:
                 inv_r = 1.0 / tl.maximum(tl.sqrt(sq_r), 1e-12)  # = EPS
             else:
@@ -168,16 +210,110 @@ if triton is not None:
             take = tile_best > best
             best = tl.where(take, tile_best, best)
             best_j = tl.where(take, tile_j + r0, best_j)
-        if FUSE_NORM:  # every tile summed the same test rows: sq_t of the last one will do
+        if FUSE_NORM:
             inv_t = 1.0 / tl.maximum(tl.sqrt(sq_t), 1e-12)
         else:
             inv_t = tl.load(inv_t_ptr + b * P + offs_p, mask=mask_p, other=0.0)  # (BLOCK_P,)
         best = best * inv_t
         if MODE_MIN:
             best = -best
-        out = (split * B + b) * P + offs_p
-        tl.store(best_ptr + out, best, mask=mask_p)
-        tl.store(arg_ptr + out, best_j, mask=mask_p)
+        return best, best_j
+
+    @triton.jit
+    def _merge_select(best_ptr, arg_ptr, idx_ptr, score_ptr, ref_idx_ptr, b, B, P, N_SPLIT, K,
+                      MODE_MIN: tl.constexpr, P_ALL: tl.constexpr):
+        """Image b's partials (N_SPLIT, P) -> its K lowest scores, written in output order:
+        idx/score/ref_idx[b, :K]; the merged s_i, j* of all P tokens go back into split 0's
+        partials (a few KiB; the benchmark reads them). Loads bypass L1 (.cg): other programs
+        wrote the partials."""
+        offs = tl.arange(0, P_ALL)
+        mask = offs < P
+        s = tl.full([P_ALL], float("-inf"), dtype=tl.float32)  # merged on the max scale
+        j = tl.zeros([P_ALL], dtype=tl.int32)
+        for split in range(0, N_SPLIT):  # ascending j ranges: strict '>' keeps the first's j
+            row = (split * B + b) * P + offs
+            v = tl.load(best_ptr + row, mask=mask, other=0.0, cache_modifier=".cg")  # (P_ALL,)
+            a = tl.load(arg_ptr + row, mask=mask, other=0, cache_modifier=".cg")
+            if MODE_MIN:
+                v = -v  # min over splits = -max(-v), the same first-split rule
+            take = v > s
+            s = tl.where(take, v, s)
+            j = tl.where(take, a, j)
+        if MODE_MIN:
+            s = -s
+        tl.store(best_ptr + b * P + offs, s, mask=mask)  # split 0, read above by this program only
+        tl.store(arg_ptr + b * P + offs, j, mask=mask)
+        key = tl.where(mask, s, float("inf"))  # padding is never taken: K <= P real entries
+        for k in range(0, K):  # K argmins; the lowest index wins among equal scores
+            m, i = tl.min(key, axis=0, return_indices=True, return_indices_tie_break_left=True)
+            hit = offs == i
+            j_i = tl.max(tl.where(hit, j, -1), axis=0)  # j[i]
+            tl.store(idx_ptr + b * K + k, i.to(tl.int64))
+            tl.store(score_ptr + b * K + k, m)
+            tl.store(ref_idx_ptr + b * K + k, j_i.to(tl.int64))
+            key = tl.where(hit, float("inf"), key)
+
+    @triton.jit
+    def _work_item(tile, t_ptr, r_ptr, t_src, r_src, inv_t_ptr, inv_r_ptr, best_ptr, arg_ptr,
+                   cnt_ptr, idx_ptr, score_ptr, ref_idx_ptr, B, P, R, C, R_SPLIT, N_SPLIT, K,
+                   st_b, st_p, st_c, sr_b, sr_r, sr_c,
+                   MODE_MIN: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                   FUSE_NORM: tl.constexpr, USE_TMA: tl.constexpr, SELECT: tl.constexpr,
+                   P_ALL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
+                   BLOCK_C: tl.constexpr):
+        """Tile id -> (b, split, pid_p) (consecutive ids share b and the reference rows); store
+        its partial best/arg[split, b, i]; SELECT: the last of image b's tiles to finish merges
+        and selects. The counter is the only cross-program communication: the stores, then a
+        CTA barrier (all threads' stores issued), then an acq_rel atomic (releases ours,
+        acquires the others'). The interpreter runs programs one after another, so the tests
+        exercise this logic (last one selects, reset) but never a race."""
+        n_p = tl.cdiv(P, BLOCK_P)
+        per_b = n_p * N_SPLIT  # tiles per image
+        b = tile // per_b
+        split = (tile % per_b) // n_p
+        pid_p = tile % n_p
+        best, best_j = _nn_tile(t_ptr, r_ptr, t_src, r_src, inv_t_ptr, inv_r_ptr, b, pid_p, split,
+                                P, R, C, R_SPLIT, st_b, st_p, st_c, sr_b, sr_r, sr_c, MODE_MIN,
+                                PRECISION, UPCAST, FUSE_NORM, USE_TMA, BLOCK_P, BLOCK_R, BLOCK_C)
+        offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+        out = (split * B + b) * P + offs_p  # into (N_SPLIT, B, P)
+        tl.store(best_ptr + out, best, mask=offs_p < P)
+        tl.store(arg_ptr + out, best_j, mask=offs_p < P)
+        if SELECT:
+            tl.debug_barrier()
+            done = tl.atomic_add(cnt_ptr + b, 1, sem="acq_rel")  # tiles of b finished before us
+            if done == per_b - 1:
+                _merge_select(best_ptr, arg_ptr, idx_ptr, score_ptr, ref_idx_ptr, b, B, P,
+                              N_SPLIT, K, MODE_MIN, P_ALL)
+                tl.atomic_xchg(cnt_ptr + b, 0)  # back to 0: autotuning reruns the same buffer
+
+    @triton.jit
+    def _nn_cosine_kernel(t_ptr, r_ptr, inv_t_ptr, inv_r_ptr, best_ptr, arg_ptr, cnt_ptr,
+                          idx_ptr, score_ptr, ref_idx_ptr, B, P, R, C, R_SPLIT, N_SPLIT, K,
+                          st_b, st_p, st_c, sr_b, sr_r, sr_c,
+                          MODE_MIN: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                          FUSE_NORM: tl.constexpr, USE_TMA: tl.constexpr, SELECT: tl.constexpr,
+                          PERSISTENT: tl.constexpr, P_ALL: tl.constexpr, BLOCK_P: tl.constexpr,
+                          BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Grid (tiles,) with tiles = B * cdiv(P, BLOCK_P) * N_SPLIT, one work item a program; or
+        PERSISTENT: a smaller grid whose programs loop over tile ids pid, pid + grid, ..."""
+        t_src, r_src = t_ptr, r_ptr
+        if USE_TMA:  # device-side descriptors (need triton.set_allocator); last stride 1
+            t_src = tl.make_tensor_descriptor(t_ptr, [B * P, C], [st_p, 1], [BLOCK_P, BLOCK_C])
+            r_src = tl.make_tensor_descriptor(r_ptr, [B * R, C], [sr_r, 1], [BLOCK_R, BLOCK_C])
+        if PERSISTENT:
+            n_tiles = B * tl.cdiv(P, BLOCK_P) * N_SPLIT
+            for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
+                _work_item(tile, t_ptr, r_ptr, t_src, r_src, inv_t_ptr, inv_r_ptr, best_ptr,
+                           arg_ptr, cnt_ptr, idx_ptr, score_ptr, ref_idx_ptr, B, P, R, C,
+                           R_SPLIT, N_SPLIT, K, st_b, st_p, st_c, sr_b, sr_r, sr_c, MODE_MIN,
+                           PRECISION, UPCAST, FUSE_NORM, USE_TMA, SELECT, P_ALL, BLOCK_P, BLOCK_R,
+                           BLOCK_C)
+        else:
+            _work_item(tl.program_id(0), t_ptr, r_ptr, t_src, r_src, inv_t_ptr, inv_r_ptr,
+                       best_ptr, arg_ptr, cnt_ptr, idx_ptr, score_ptr, ref_idx_ptr, B, P, R, C,
+                       R_SPLIT, N_SPLIT, K, st_b, st_p, st_c, sr_b, sr_r, sr_c, MODE_MIN, PRECISION,
+                       UPCAST, FUSE_NORM, USE_TMA, SELECT, P_ALL, BLOCK_P, BLOCK_R, BLOCK_C)
 
 
 def _interpreting() -> bool:
@@ -194,6 +330,7 @@ _GPU_CONFIGS = [  # (BLOCK_P, BLOCK_R, BLOCK_C, num_warps, num_stages)
 ]
 _INTERPRET_META = dict(BLOCK_P=16, BLOCK_R=16, BLOCK_C=16)  # one small config (tl.dot needs >= 16)
 _NORM_META = dict(BLOCK_N=32, BLOCK_C=128)
+_TUNE_KEY = ["P", "R", "C", "R_SPLIT", "FUSE_NORM", "MODE_MIN", "SELECT", "PERSISTENT", "USE_TMA"]
 _KERNELS: dict = {}
 
 
@@ -211,48 +348,65 @@ def _prune_configs(configs, named_args, **kwargs):
 
 
 def _kernels():
-    """(norm_kernel, nn_kernel, nn_meta) jitted for the current TRITON_INTERPRET setting."""
+    """(norm_kernel, nn_kernel, nn_meta): autotuned on the GPU, one small tile interpreted."""
     if triton is None:
         raise ImportError("sage/kernels/topk_cosine.py: impl='triton' needs the triton package")
     interpret = _interpreting()
     if interpret not in _KERNELS:
-        norm = triton.jit(_inv_norm_kernel)
-        nn = triton.jit(_nn_cosine_kernel)
-        meta = dict(_INTERPRET_META)
+        nn, meta = _nn_cosine_kernel, dict(_INTERPRET_META)
         if not interpret:  # autotuned on the GPU, keyed on the shape (and dtypes, implicitly)
             configs = [triton.Config(dict(BLOCK_P=bp, BLOCK_R=br, BLOCK_C=bc), num_warps=w,
                                      num_stages=s) for bp, br, bc, w, s in _GPU_CONFIGS]
-            nn = triton.autotune(configs, key=["P", "R", "C", "R_SPLIT", "FUSE_NORM", "MODE_MIN"],
+            nn = triton.autotune(configs, key=_TUNE_KEY,
                                  prune_configs_by={"early_config_prune": _prune_configs})(nn)
             meta = {}
-        _KERNELS[interpret] = (norm, nn, meta)
+        _KERNELS[interpret] = (_inv_norm_kernel, nn, meta)
     return _KERNELS[interpret]
+
+
+@functools.lru_cache(maxsize=None)
+def _n_sm(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; a fake 4 for the interpreter on CPU."""
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _default_n_split(B: int, P: int, R: int, device: torch.device) -> int:
     """Split the reference axis when B * cdiv(P, 128) test tiles cannot fill about 2 waves."""
     if device.type != "cuda":
         return 1
-    n_sm = torch.cuda.get_device_properties(device).multi_processor_count
     tiles = B * -(-P // 128)
-    return max(1, min(-(-2 * n_sm // tiles), -(-R // 128)))
+    return max(1, min(-(-2 * _n_sm(device) // tiles), -(-R // 128)))
 
 
 FUSE_NORM_MAX_R_SPLIT = 256  # fuse the norms when a program sees at most this many ref rows
+SELECT_MAX_P = 8192  # in-launch K-lowest selection up to next_power_of_2(P) = this (registers)
+SELECT_MAX_K = 128  # ... and K = this (K serial argmins); beyond: torch merge + select_lowest
+PERSISTENT_DEFAULT = False  # unmeasured: one program per tile lets the GPU balance the tail
+PROGRAMS_PER_SM = 1  # persistent grid: min(tiles, n_sm * this) programs
 
 
-@torch.no_grad()
-def nn_scores_triton(test: torch.Tensor, ref: torch.Tensor, mode: str = "nn",
-                     n_split: int | None = None, fuse_norm: bool | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton version of nn_scores_torch (same results up to fp32 rounding, same tie rules).
-    test (B, P, C), ref (B, R, C) strided, fp32/bf16/fp16 -> s (B, P) fp32, j* (B, P) int64.
-    n_split: programs along the reference axis (None: enough to fill the GPU; 1 on CPU).
-    fuse_norm: norms inside the main kernel (None: when each program sees few reference rows,
-    i.e. the memory-bound shapes; a separate norm pass for the long, matmul-bound ones)."""
+def _tma_ok(test: torch.Tensor, ref: torch.Tensor) -> bool:
+    """Tensor descriptors need a contiguous last dim, 16-byte aligned bases and row strides,
+    and images laid out back to back (the descriptor spans (B * rows, C))."""
+    def ok(x):
+        B, N, _ = x.shape
+        row = x.stride(1) * x.element_size()
+        return (x.stride(2) == 1 and x.stride(1) >= x.shape[2] and row % 16 == 0
+                and x.data_ptr() % 16 == 0 and (B == 1 or x.stride(0) == N * x.stride(1)))
+    cuda_ok = not test.is_cuda or torch.cuda.get_device_capability(test.device)[0] >= 9
+    return cuda_ok and ok(test) and ok(ref)
+
+
+def _launch(test, ref, mode, k, n_split, fuse_norm, persistent, tma, n_sm):
+    """One launch of _nn_cosine_kernel (after the optional norm pass) -> the partials best
+    (n_split, B, P) fp32, arg (n_split, B, P) int32 and, for k=None, outs None; for a k, the
+    in-launch merge (into best[0], arg[0]) and K lowest: outs = indices (B, K) int64,
+    scores (B, K) fp32, ref_indices (B, K) int64."""
     norm_kernel, nn_kernel, meta = _kernels()
-    (B, P, C), R = test.shape, ref.shape[1]
-    n_split = n_split or _default_n_split(B, P, R, test.device)
+    (B, P, C), R, dev = test.shape, ref.shape[1], test.device
+    n_split = n_split or _default_n_split(B, P, R, dev)
     r_split = -(-R // n_split)
     r_split = -(-r_split // 16) * 16  # split boundaries on 16-row steps keep loads aligned
     n_split = -(-R // r_split)  # no empty split
@@ -260,28 +414,83 @@ def nn_scores_triton(test: torch.Tensor, ref: torch.Tensor, mode: str = "nn",
         fuse_norm = r_split <= FUSE_NORM_MAX_R_SPLIT
     inv_t = inv_r = test  # unused placeholders when the kernel computes the norms itself
     if not fuse_norm:
-        inv_t = torch.empty(B, P, device=test.device, dtype=torch.float32)
-        inv_r = torch.empty(B, R, device=test.device, dtype=torch.float32)
+        inv_t = torch.empty(B, P, device=dev, dtype=torch.float32)
+        inv_r = torch.empty(B, R, device=dev, dtype=torch.float32)
         for x, inv, n in ((test, inv_t, P), (ref, inv_r, R)):
             grid = (triton.cdiv(n, _NORM_META["BLOCK_N"]), B)
             norm_kernel[grid](x, inv, n, C, *x.stride(), **_NORM_META)
-    best = torch.empty(n_split, B, P, device=test.device, dtype=torch.float32)
-    arg = torch.empty(n_split, B, P, device=test.device, dtype=torch.int32)
+    best = torch.empty(n_split, B, P, device=dev, dtype=torch.float32)
+    arg = torch.empty(n_split, B, P, device=dev, dtype=torch.int32)
+    outs, cnt = None, best  # cnt: unused placeholder without the selection
+    if k is not None:
+        outs = (torch.empty(B, k, device=dev, dtype=torch.int64),
+                torch.empty(B, k, device=dev, dtype=torch.float32),
+                torch.empty(B, k, device=dev, dtype=torch.int64))
+        cnt = torch.zeros(B, device=dev, dtype=torch.int32)  # finished tiles per image
+    tma = bool(tma) and _tma_ok(test, ref)
+    if tma and test.is_cuda:  # device-side descriptors live in a scratch buffer per launch
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, device=dev,
+                                                                     dtype=torch.int8))
     # Triton 3.8's interpreter gets tl.dot on bf16 wrong (values off by ~1e9), so there the
     # operands are upcast to fp32 (exact) first; compiled kernels use the native bf16 dot.
     upcast = _interpreting() and test.dtype == torch.bfloat16
     # fp32: "ieee" (no TF32) for accuracy; for bf16/fp16 the setting has no effect
     precision = "ieee" if test.dtype == torch.float32 or upcast else "tf32"
-    grid = lambda m: (triton.cdiv(P, m["BLOCK_P"]), n_split, B)  # noqa: E731
-    nn_kernel[grid](test, ref, inv_t, inv_r, best, arg, B, P, R, C, r_split,
-                    *test.stride(), *ref.stride(), MODE_MIN=(mode == "min"),
-                    PRECISION=precision, UPCAST=upcast, FUSE_NORM=fuse_norm, **meta)
-    if n_split == 1:
+    slots = n_sm or _n_sm(dev)
+    persistent = PERSISTENT_DEFAULT if persistent is None else persistent
+
+    def grid(m):
+        tiles = B * triton.cdiv(P, m["BLOCK_P"]) * n_split
+        return (min(tiles, slots * PROGRAMS_PER_SM) if persistent else tiles,)
+    nn_kernel[grid](test, ref, inv_t, inv_r, best, arg, cnt, *(outs or (best,) * 3), B, P, R,
+                    C, r_split, n_split, k or 0, *test.stride(), *ref.stride(),
+                    MODE_MIN=(mode == "min"), PRECISION=precision, UPCAST=upcast,
+                    FUSE_NORM=fuse_norm, USE_TMA=tma,
+                    SELECT=k is not None, PERSISTENT=persistent,
+                    P_ALL=triton.next_power_of_2(P) if k is not None else 1, **meta)
+    return best, arg, outs
+
+
+@torch.no_grad()
+def nn_scores_triton(test: torch.Tensor, ref: torch.Tensor, mode: str = "nn",
+                     n_split: int | None = None, fuse_norm: bool | None = None,
+                     persistent: bool | None = None, tma: bool = False, n_sm: int | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton version of nn_scores_torch (same results up to fp32 rounding, same tie rules):
+    one launch for the partials, the splits merged in torch (the two-step path).
+    test (B, P, C), ref (B, R, C) strided, fp32/bf16/fp16 -> s (B, P) fp32, j* (B, P) int64.
+    n_split: programs along the reference axis (None: enough to fill the GPU; 1 on CPU).
+    fuse_norm: norms inside the main kernel (None: when each program sees few reference rows,
+    i.e. the memory-bound shapes; a separate norm pass for the long, matmul-bound ones).
+    persistent, tma, n_sm: as in topk_cosine_triton."""
+    best, arg, _ = _launch(test, ref, mode, None, n_split, fuse_norm, persistent, tma, n_sm)
+    if best.shape[0] == 1:
         return best[0], arg[0].long()
     # merge the splits: best value over splits; the first split holding it has the lowest j
     s = best.amax(0) if mode == "nn" else best.amin(0)  # (B, P)
     first = (best == s).int().argmax(0, keepdim=True)  # (1, B, P), argmax -> first True
     return s, arg.gather(0, first)[0].long()
+
+
+@torch.no_grad()
+def topk_cosine_triton(test: torch.Tensor, ref: torch.Tensor, k: int, mode: str = "nn",
+                       n_split: int | None = None, fuse_norm: bool | None = None,
+                       persistent: bool | None = None, tma: bool = False,
+                       n_sm: int | None = None, all_scores: bool = False):
+    """Eq. 1 in one Triton launch (plus the norm pass when not fused): scores, split merge and
+    the K lowest, when next_power_of_2(P) <= SELECT_MAX_P and K <= SELECT_MAX_K; beyond that
+    nn_scores_triton + select_lowest. Same outputs as topk_cosine.
+    persistent: a grid of min(tiles, n_sm * PROGRAMS_PER_SM) programs looping over the tiles
+    (None: PERSISTENT_DEFAULT); n_sm: SM count (None: the device's; a small fake on CPU).
+    tma: tensor-descriptor loads (Hopper+; pointer loads where _tma_ok fails).
+    all_scores: also return s (B, P) fp32 and j* (B, P) int64 of every test token."""
+    if triton.next_power_of_2(test.shape[1]) > SELECT_MAX_P or k > SELECT_MAX_K:
+        s, j = nn_scores_triton(test, ref, mode, n_split, fuse_norm, persistent, tma, n_sm)
+        out = select_lowest(s, j, k)
+    else:
+        best, arg, out = _launch(test, ref, mode, k, n_split, fuse_norm, persistent, tma, n_sm)
+        s, j = best[0], arg[0]  # merged by the launch
+    return (*out, s, j.long()) if all_scores else out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,6 +545,7 @@ def topk_cosine(test: torch.Tensor, ref: torch.Tensor, k: int, impl: str = "auto
             raise ValueError("sage/kernels/topk_cosine.py: impl='triton' needs CUDA tensors "
                              "(or TRITON_INTERPRET=1 for the CPU interpreter)")
         with torch.cuda.device(test.device) if test.is_cuda else contextlib.nullcontext():
-            s, j = nn_scores_triton(test, ref, mode)  # launches go to the tensors' GPU
+            # one launch (plus the norm pass for long splits), on the tensors' GPU
+            return topk_cosine_triton(test, ref, operator.index(k), mode)
     with torch.no_grad():
         return select_lowest(s, j, operator.index(k))
