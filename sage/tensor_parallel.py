@@ -41,6 +41,7 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
 from sage.checkpoint import load_into
 from sage.config import SageConfig
 from sage.distributed import DistInfo
+from sage.models.llama import Llama
 from sage.models.sage import SageModel
 from sage.safetensors_io import checkpoint_dtype, read_checkpoint_index
 
@@ -83,15 +84,11 @@ def check_divisible(cfg: SageConfig, tp: int) -> None:
                          f"divides all of them (Yi-34B: 1, 2, 4 or 8)")
 
 
-def shard_tensor_parallel(model: SageModel, tp_mesh: DeviceMesh) -> SageModel:
-    """Apply the plans of the module docstring in place (on meta or materialised weights).
-
-    Attention modules keep their per-rank head counts in `n_heads` / `n_kv_heads`, which is
-    what their forward and Llama.new_cache read, so the model code has no TP branch.
-    """
+def shard_llm(llm: Llama, tp_mesh: DeviceMesh) -> Llama:
+    """The Llama part of the plans (blocks, embeddings, LM head), in place; heads must divide
+    (check_divisible)."""
     tp = tp_mesh.size()
-    check_divisible(model.cfg, tp)
-    for block in model.llm.layers:
+    for block in llm.layers:
         parallelize_module(block, tp_mesh, {
             "self_attn.q_proj": ColwiseParallel(), "self_attn.k_proj": ColwiseParallel(),
             "self_attn.v_proj": ColwiseParallel(), "self_attn.o_proj": RowwiseParallel(),
@@ -99,9 +96,20 @@ def shard_tensor_parallel(model: SageModel, tp_mesh: DeviceMesh) -> SageModel:
             "mlp.down_proj": RowwiseParallel()})
         block.self_attn.n_heads //= tp  # this rank's query heads
         block.self_attn.n_kv_heads //= tp  # this rank's KV heads (and KV cache)
-    parallelize_module(model.llm, tp_mesh, {
+    parallelize_module(llm, tp_mesh, {
         "embed_tokens": RowwiseParallel(input_layouts=Replicate()),
         "lm_head": ColwiseParallel(output_layouts=Replicate())})  # logits gathered once
+    return llm
+
+
+def shard_tensor_parallel(model: SageModel, tp_mesh: DeviceMesh) -> SageModel:
+    """Apply the plans of the module docstring in place (on meta or materialised weights).
+
+    Attention modules keep their per-rank head counts in `n_heads` / `n_kv_heads`, which is
+    what their forward and Llama.new_cache read, so the model code has no TP branch.
+    """
+    check_divisible(model.cfg, tp_mesh.size())
+    shard_llm(model.llm, tp_mesh)
     parallelize_module(model.adapter, tp_mesh, {"fc1": ColwiseParallel(),
                                                 "fc2": RowwiseParallel()})
     for block in model.vision.encoder.layers:

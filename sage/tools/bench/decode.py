@@ -20,18 +20,28 @@ batch 1). A path that fails (e.g. compilation) prints its error and the others s
 
     python -m sage.tools.bench.decode                     # on a GPU: 4 Yi-34B layers, bf16
     python -m sage.tools.bench.decode --preset tiny       # CPU smoke run (figures meaningless)
+    torchrun --nproc_per_node 8 -m sage.tools.bench.decode  # tensor-parallel over 8 GPUs
+
+Under torchrun the slice is sharded over all ranks with sage.tensor_parallel's plan (Yi-34B:
+7 query heads and 1 KV head per rank of 8); the roofline then counts one rank's weights and KV
+cache against one GPU's bandwidth (the all-reduces are what it leaves out).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 
 import torch
 
+from torch.distributed.device_mesh import init_device_mesh
+
 from sage.config import SageConfig
+from sage.distributed import cleanup, init_distributed, print0
 from sage.models.decoding import StaticDecoder
 from sage.models.llama import Llama
+from sage.tensor_parallel import check_divisible, shard_llm
 from sage.tools.args import Parser, at_least, positive
 from sage.tools.bench import print_profile
 from sage.tools.errors import run_main
@@ -116,51 +126,66 @@ def main(argv: list[str] | None = None) -> None:
                    help="also profile 4 batch-1 steps of eager and graph, print N kernels each")
     args = p.parse_args(argv)
 
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
+    # under torchrun: the slice tensor-parallel over all ranks (sage.tensor_parallel's plan)
+    tp = int(os.environ.get("WORLD_SIZE", "1"))
+    dist = init_distributed() if tp > 1 else None
+    device = dist.device if dist else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     if not cuda:  # smoke configuration
         args.preset, args.layers, args.prompt, args.tokens = "tiny", 2, 64, 8
         args.copy_gib = min(args.copy_gib, 0.25)
         args.modes = [m for m in args.modes if m in ("eager", "static")]
-    cfg = dataclasses.replace(SageConfig.preset(args.preset).llm, n_layers=args.layers)
-    torch.manual_seed(0)
+    base = SageConfig.preset(args.preset)
+    cfg = dataclasses.replace(base.llm, n_layers=args.layers)
+    torch.manual_seed(0)  # the same weights and prompts on every rank
     with torch.device("meta"):
-        model = Llama(cfg)
+        model = Llama(cfg).to(dtype)
+    if tp > 1:
+        check_divisible(dataclasses.replace(base, llm=cfg), tp)
+        shard_llm(model, init_device_mesh(device.type, (tp,)))
     model.to_empty(device=device)
     with torch.no_grad():
         model.init_weights()
-    model.to(dtype).eval()
+    model.eval()
 
+    def local(x):  # this rank's share of a (possibly sharded) parameter
+        return x.to_local() if hasattr(x, "to_local") else x
     elt = torch.finfo(dtype).bits // 8
-    n_weights = sum(p.numel() for p in model.parameters()) - model.embed_tokens.weight.numel()
+    n_weights = (sum(local(p).numel() for p in model.parameters())
+                 - local(model.embed_tokens.weight).numel())
     weight_bytes = n_weights * elt
     bw = copy_bandwidth(device, int(args.copy_gib * 2**30), 5, sync)
     name = torch.cuda.get_device_name() if cuda else "cpu"
-    print(f"slice: {args.preset} LLM width {cfg.dim}, {cfg.n_layers} layers, vocab "
-          f"{cfg.vocab_size}, {dtype}, {name}, torch {torch.__version__}; prompt {args.prompt}, "
-          f"{args.tokens} timed steps; weights {weight_bytes / 2**30:.3f} GiB; copy bandwidth "
-          f"{bw / 1e9:.0f} GB/s\n")
-    print("| batch | path | ms / step | tokens / s | roofline ms | % of roofline |")
-    print("|---:|---|---:|---:|---:|---:|")
+    print0(f"slice: {args.preset} LLM width {cfg.dim}, {cfg.n_layers} layers, vocab "
+           f"{cfg.vocab_size}, {dtype}, {name}, torch {torch.__version__}, tensor-parallel {tp}; "
+           f"prompt {args.prompt}, {args.tokens} timed steps; weights per rank "
+           f"{weight_bytes / 2**30:.3f} GiB; copy bandwidth {bw / 1e9:.0f} GB/s\n")
+    print0("| batch | path | ms / step | tokens / s | roofline ms | % of roofline |")
+    print0("|---:|---|---:|---:|---:|---:|")
     profiles = []
     for B in args.batch:
         for mode in args.modes:
             try:
                 per_step, ctx, four_steps = time_mode(model, mode, B, args, dtype, device, sync)
             except Exception as e:  # noqa: BLE001 (one failing path must not hide the others)
-                print(f"| {B} | {mode} | failed: {type(e).__name__}: {str(e)[:200]} | | | |")
+                print0(f"| {B} | {mode} | failed: {type(e).__name__}: {str(e)[:200]} | | | |")
                 continue
-            kv_bytes = 2 * B * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * ctx * elt
+            kv_bytes = 2 * B * cfg.n_layers * cfg.n_kv_heads // tp * cfg.head_dim * ctx * elt
             roof = (weight_bytes + kv_bytes) / bw
-            print(f"| {B} | {mode} | {per_step * 1e3:.3f} | {B / per_step:,.1f} | "
-                  f"{roof * 1e3:.3f} | {100 * roof / per_step:.1f}% |")
+            print0(f"| {B} | {mode} | {per_step * 1e3:.3f} | {B / per_step:,.1f} | "
+                   f"{roof * 1e3:.3f} | {100 * roof / per_step:.1f}% |")
             if four_steps is not None:
                 profiles.append((mode, four_steps))
     for mode, four_steps in profiles:  # after the table, so that it reads as one
+        if dist and dist.rank:  # the other ranks take part in the collectives only
+            four_steps()
+            continue
         print(f"\nprofile: {mode}, batch 1, 4 steps")
         print_profile(four_steps, args.profile, cuda)
+    if dist:
+        cleanup()
 
 
 if __name__ == "__main__":

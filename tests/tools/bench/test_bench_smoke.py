@@ -49,3 +49,15 @@ def test_train_step_runs_one_rank_of_eight():
                               proc.stdout).groups())
     assert total / 8 <= local < total / 6  # dim-0 shards, padded by FSDP2 for uneven rows
     assert "phases: forward + backward" in proc.stdout
+
+
+def test_decode_bench_tensor_parallel_two_ranks():
+    """Under torchrun the slice is sharded by sage.tensor_parallel (its answers are compared
+    with one process in tests/test_tensor_parallel.py); here: every path runs and reports."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
+           str(29300 + os.getpid() % 200), "-m", "sage.tools.bench.decode"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "tensor-parallel 2" in proc.stdout and "failed" not in proc.stdout
+    assert proc.stdout.count("| static |") == 2  # batch 1 and 8, printed once (rank 0)
