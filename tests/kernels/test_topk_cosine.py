@@ -245,8 +245,9 @@ def test_triton_in_fresh_process():
     skips = [line for line in out.stdout.splitlines() if line.startswith("SKIPPED")]
     assert all("needs a CUDA GPU" in line or "runtime bound" in line for line in skips), skips
     passed = re.search(r"(\d+) passed", out.stdout)
+    n_passed = int(passed.group(1)) if passed else 0  # a GPU machine's child may skip them all
     loop_bounds_skip = any("runtime bound" in line for line in skips)
-    assert passed and (loop_bounds_skip or int(passed.group(1)) >= 20), out.stdout[-3000:]
+    assert loop_bounds_skip or n_passed >= 20, out.stdout[-3000:]
 
 
 # ---------------------------------------------------------------------------------------------
