@@ -28,7 +28,9 @@ run() {  # run NAME LIMIT_S CMD...: tee the output to $OUT/NAME.txt, time it, st
     local t0=$SECONDS
     echo "### $name (limit ${limit} s): $*"
     timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.txt"
-    echo "### $name: rc ${PIPESTATUS[0]} in $((SECONDS - t0)) s"
+    local rc=${PIPESTATUS[0]}
+    echo "### $name: rc $rc in $((SECONDS - t0)) s"
+    return "$rc"
 }
 
 for step in $steps; do
@@ -43,7 +45,9 @@ memory.total --format=csv; $PY -c 'import torch, triton; print(\"torch\", torch.
         decode) run decode 110 $PY -m sage.tools.bench.decode --modes eager static graph \
                 --profile 12 ;;
         train) run train 90 $PY -m sage.tools.bench.train_step --world 8 --profile 15 ;;
-        train_b4) run train_b4 60 $PY -m sage.tools.bench.train_step --world 8 --batch 4 ;;
+        # if the fake 8-rank world fails on this machine, the one-GPU figure at least
+        train_b4) run train_b4 60 $PY -m sage.tools.bench.train_step --world 8 --batch 4 ||
+                  run train_b4_world1 60 $PY -m sage.tools.bench.train_step --batch 4 ;;
         train_ac) run train_ac 50 $PY -m sage.tools.bench.train_step --world 8 --batch 4 \
                   --activation_checkpointing ;;
         decode_compile) run decode_compile 120 $PY -m sage.tools.bench.decode --modes compile \
