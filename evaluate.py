@@ -44,7 +44,7 @@ from sage.runs import keep_aside
 from sage.safetensors_io import read_checkpoint_index
 from sage.sbert import sbert_similarities
 from sage.tensor_parallel import check_divisible, load_sharded, model_copies
-from sage.tools.args import Parser, at_least, load_records
+from sage.tools.args import DECODE_HELP, Parser, at_least, check_decode, load_records
 from sage.tools.errors import report_errors
 from sage.training import Progress
 from sage.visualize import visualize_selection
@@ -76,10 +76,7 @@ p.add_argument("--batch_size", type=at_least(1), default=16, help="questions per
 p.add_argument("--max_new_tokens", type=at_least(1), default=64, help="answer length cap")
 p.add_argument("--temperature", type=at_least(0.0, float), default=0.0, help="0: greedy")
 p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass")
-p.add_argument("--decode", choices=DECODES, default="eager",
-               help="eager: the KV-cache loop of Llama.generate; static: the same answers with "
-                    "static shapes (sage.models.decoding); graph: that step replayed as a CUDA "
-                    "graph (CUDA, --tp 1)")
+p.add_argument("--decode", choices=DECODES, default="eager", help=DECODE_HELP)
 # judging
 p.add_argument("--judge", choices=["oracle", "openai", "none"], default="oracle",
                help="MLE judge: oracle (SynthAD truth), openai (GPT-4o-style), none")
@@ -109,9 +106,6 @@ if len(set(names)) != len(names):
     p.error(f"--names must differ from each other (got {names})")
 if not 0 < args.top_p <= 1:
     p.error(f"--top_p {args.top_p}: expected a value in (0, 1]")
-if args.decode == "graph" and args.tp > 1:
-    p.error("--decode graph runs with --tp 1 only (recording the ranks' all-reduces in a CUDA "
-            "graph is not tested); use --decode static or eager with --tp")
 settings = ["zero-shot", "one-shot"] if args.setting == "both" else [args.setting]
 
 # ----------------------------------------------------------------------------- distributed
@@ -120,8 +114,7 @@ copies = model_copies(dist, args.tp)  # the tp ranks of a copy take the same rec
 dp_rank, dp_size, writer = copies.dp_rank, copies.dp_size, copies.writer
 dtype = getattr(torch, args.dtype) if args.dtype else (
     torch.bfloat16 if dist.device.type == "cuda" else torch.float32)
-if args.decode == "graph" and dist.device.type != "cuda":
-    p.error(f"--decode graph records CUDA graphs: it needs a CUDA device, not {dist.device}")
+check_decode(p, args.decode, dist.device.type, args.tp)
 
 # ----------------------------------------------------------------------------- inputs first
 # Everything that can be wrong is found here, before hours of generation.

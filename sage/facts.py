@@ -107,11 +107,12 @@ class FactCache:
 
 # ----------------------------------------------------------------------------- askers
 
-def model_asker(model, root: Path, max_new_tokens: int = 128) -> Callable:
+def model_asker(model, root: Path, max_new_tokens: int = 128, decode: str = "eager") -> Callable:
     """Batched local asker: list of test image paths -> per image, the answers to FACT_PROMPTS.
 
-    `model` exposes `cfg` (SageConfig), `tokenizer` and `generate(batch, max_new_tokens)` as
-    SageModel does. The prompts are plain VLM prompts (facts_mode "none", zero-shot).
+    `model` exposes `cfg` (SageConfig), `tokenizer` and `generate(batch, max_new_tokens,
+    decode)` as SageModel does. The prompts are plain VLM prompts (facts_mode "none",
+    zero-shot). decode: SageModel.generate's decoding path (eager, static, graph).
     """
     tok = model.tokenizer
     if tok is None:
@@ -127,7 +128,8 @@ def model_asker(model, root: Path, max_new_tokens: int = 128) -> Callable:
             pix = load_image_for(root / img, cfg)
             examples += [{"id": f"{img}#{k}", "question": q, "pixel_test": pix}
                          for k, q in enumerate(FACT_PROMPTS)]
-        texts = generate_answers(model, examples, collate, max_new_tokens=max_new_tokens)
+        texts = generate_answers(model, examples, collate, max_new_tokens=max_new_tokens,
+                                 decode=decode)
         P = len(FACT_PROMPTS)
         return [texts[i * P:(i + 1) * P] for i in range(len(images))]
 

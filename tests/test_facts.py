@@ -154,7 +154,8 @@ class FakeModel:
     def __init__(self, tok):
         self.tokenizer, self.cfg, self.batches = tok, micro_cfg(tok), []
 
-    def generate(self, batch, max_new_tokens=64):
+    def generate(self, batch, max_new_tokens=64, decode="eager"):
+        assert decode in ("eager", "static", "graph")  # model_asker passes SageModel's choice
         self.batches.append(batch)
         tok = self.tokenizer
         rows = [tok.encode(f"Fact {b}. Other {b}.") + [tok.im_end_id]

@@ -153,3 +153,20 @@ def add_runtime_args(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--system_message", default=None,
                    help="system turn of the Hermes-2 template (None: the --init config's; "
                         "InternVL's own for a plain InternVL2 directory)")
+
+
+DECODE_HELP = ("eager: the KV-cache loop of Llama.generate; static: the same answers with static "
+               "shapes (sage.models.decoding); graph: that step replayed as a CUDA graph "
+               "(CUDA, --tp 1)")
+
+
+def check_decode(p: argparse.ArgumentParser, decode: str, device: str, tp: int = 1) -> None:
+    """--decode graph records CUDA graphs: refuse it (exit 2) on a CPU or under --tp > 1
+    (recording the ranks' all-reduces is not tested)."""
+    if decode != "graph":
+        return
+    if tp > 1:
+        p.error("--decode graph runs with --tp 1 only (recording the ranks' all-reduces in a "
+                "CUDA graph is not tested); use --decode static or eager with --tp")
+    if not str(device).startswith("cuda"):
+        p.error(f"--decode graph records CUDA graphs: it needs a CUDA device, not {device}")

@@ -24,8 +24,9 @@ import sage
 from sage.config import SageConfig
 from sage.distributed import cleanup, gather_objects, init_distributed, print0
 from sage.facts import FactCache, collect_facts, fill_records, model_asker, openai_asker
+from sage.models.sage import DECODES
 from sage.tensor_parallel import load_sharded, model_copies
-from sage.tools.args import Parser, at_least, load_records
+from sage.tools.args import DECODE_HELP, Parser, at_least, check_decode, load_records
 from sage.tools.errors import run_main
 from sage.training import Progress
 
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--base_url", default=None, help="endpoint URL (None: OPENAI_BASE_URL)")
     p.add_argument("--max_new_tokens", type=at_least(1), default=128,
                    help="answer length per prompt")
+    p.add_argument("--decode", choices=DECODES, default="eager", help=DECODE_HELP)
     # runtime
     p.add_argument("--batch_size", type=at_least(1), default=4,
                    help="images per generate call (--model)")
@@ -78,6 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     # under torchrun: model copies of --tp ranks split the images; rank 0 writes the cache
     dist = init_distributed(a.device)
     copies = model_copies(dist, a.tp)
+    if a.model:
+        check_decode(p, a.decode, dist.device.type, a.tp)
     cache = FactCache(a.out, write=dist.is_main)
     ask, source = None, ""
     todo = [r["test_image"] for r in records if r["test_image"] not in cache]
@@ -86,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
         model = (load_sharded(a.model, copies.tp_mesh, dtype=dtype, device=dist.device)
                  if copies.tp_mesh is not None else
                  sage.load_pretrained(a.model, dtype=dtype, device=dist.device))
-        ask, source = model_asker(model, root, a.max_new_tokens), f"model:{a.model}"
+        ask, source = model_asker(model, root, a.max_new_tokens, a.decode), f"model:{a.model}"
     elif todo and a.openai:
         ask = openai_asker(root, a.model_name, a.base_url, a.max_new_tokens)
         source = f"openai:{a.model_name}"

@@ -15,7 +15,8 @@ import torch
 
 import sage
 from sage.mmad import answer_mmad, format_mmad_report, load_mmad, mmad_accuracy
-from sage.tools.args import Parser
+from sage.models.sage import DECODES
+from sage.tools.args import DECODE_HELP, Parser, check_decode
 from sage.tools.errors import run_main
 
 
@@ -28,15 +29,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--limit", type=int, default=0, help="first N questions (0: all)")
     p.add_argument("--batch_size", type=int, default=8, help="questions per generate call")
     p.add_argument("--max_new_tokens", type=int, default=16, help="answer length cap")
+    p.add_argument("--decode", choices=DECODES, default="eager", help=DECODE_HELP)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     a = p.parse_args(argv)
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_decode(p, a.decode, device)
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     items = load_mmad(a.data)
     items = items[:a.limit] if a.limit else items
     model = sage.load_pretrained(a.model, dtype=dtype, device=device)
     rows = answer_mmad(model, items, a.root or Path(a.data).parent, batch_size=a.batch_size,
-                       max_new_tokens=a.max_new_tokens)
+                       max_new_tokens=a.max_new_tokens, decode=a.decode)
     table = mmad_accuracy(rows)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -80,3 +80,23 @@ def test_plan_cli_json(capsys):
     with pytest.raises(SystemExit):
         main(["--preset", "nope"])
     assert "unknown preset 'nope'" in capsys.readouterr().err
+
+
+def test_decode_graph_is_refused_without_cuda_or_with_tp(capsys):
+    """--decode graph (evaluate.py, sage.tools.facts, sage.tools.mmad) records CUDA graphs of
+    one process: a CPU or --tp > 1 is a usage error, before any model is read."""
+    from sage.tools.args import check_decode
+    from sage.tools.mmad import main as mmad_main
+
+    p = Parser(description="d")
+    check_decode(p, "graph", "cuda", tp=1)  # fine
+    check_decode(p, "static", "cpu", tp=8)  # fine: only graph is restricted
+    for device, tp, said in [("cpu", 1, "needs a CUDA device, not cpu"),
+                             ("cuda", 8, "runs with --tp 1 only")]:
+        with pytest.raises(SystemExit) as e:
+            check_decode(p, "graph", device, tp)
+        assert e.value.code == 2 and said in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # no such model or data: refused before reading them
+        mmad_main(["--model", "missing", "--data", "missing.json", "--decode", "graph",
+                   "--device", "cpu"])
+    assert e.value.code == 2 and "needs a CUDA device" in capsys.readouterr().err
