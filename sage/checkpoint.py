@@ -84,7 +84,8 @@ def _local_slices(t: torch.Tensor) -> tuple[slice, ...] | None:
     return tuple(slice(a, b) for a, b in ranges)
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor (FSDP2 / tensor-parallel shard); a plain tensor itself."""
     return t.to_local() if hasattr(t, "to_local") else t
 
 
@@ -205,7 +206,7 @@ def _copy_tensor(fh, pub: str, info: TensorInfo, dst: torch.Tensor, scratch: lis
     parameter once, and no file page is mapped, so peak RSS is the model's own bytes (a
     mapped file's pages count towards RSS; an extra copy pays a second page-fault pass).
     """
-    sl, local = _local_slices(dst), _local(dst)
+    sl, local = _local_slices(dst), local_tensor(dst)
     if local.numel() == 0:
         return 0
     offset, nbytes = info.offset, info.nbytes
@@ -259,7 +260,7 @@ def init_fresh(module: nn.Module, seed: int) -> None:
     for sub in module.modules():
         for name, p in list(sub._parameters.items()):
             if p is not None and _local_slices(p) is not None:
-                full = torch.empty(p.shape, dtype=p.dtype, device=_local(p).device)
+                full = torch.empty(p.shape, dtype=p.dtype, device=local_tensor(p).device)
                 swapped.append((sub, name, p))
                 sub._parameters[name] = nn.Parameter(full, requires_grad=p.requires_grad)
     devices = sorted({p.device.index for _, _, p in swapped if p.device.type == "cuda"})
@@ -267,7 +268,7 @@ def init_fresh(module: nn.Module, seed: int) -> None:
         torch.manual_seed(seed)
         module.init_weights()
     for sub, name, p in swapped:
-        _local(p).copy_(sub._parameters[name][_local_slices(p)])
+        local_tensor(p).copy_(sub._parameters[name][_local_slices(p)])
         sub._parameters[name] = p
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from sage.checkpoint import local_tensor
 from sage.data.collate import Collator
 from sage.data.images import load_image_for
 
@@ -40,7 +41,7 @@ def nonfinite_parameters(model) -> list[str]:
     """Names of parameters holding NaN or inf (this rank's shard of a sharded model): such a
     checkpoint generates empty or garbage answers without any other sign."""
     return [n for n, p in model.named_parameters()
-            if not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()]
+            if not torch.isfinite(local_tensor(p)).all()]
 
 
 @torch.no_grad()

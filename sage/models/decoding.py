@@ -9,8 +9,9 @@ every step runs the same kernels on the same addresses. `StaticDecoder` makes th
   - the KV cache is allocated once for `max_len` positions (rounded up to `bucket`) and a step
     attends over all of it under a mask of the columns written so far
     (`sage.models.llama.static_decode_attention`);
-  - the column to write, the RoPE positions and that mask live on the device and the step
-    advances them itself, so nothing about a step is decided on the host;
+  - the column to write and that mask live on the device and the step advances them itself
+    (a row's RoPE position is its count of written columns), so nothing about a step is
+    decided on the host;
   - the prompt (any length, left padded) is prefilled eagerly into the same buffers by
     `Llama.forward`, exactly as `Llama.generate` does.
 
@@ -50,7 +51,6 @@ class StaticDecoder:
         self.max_len = -(-max_len // bucket) * bucket
         self.cache = llm.new_cache(batch_size, self.max_len, dtype=dtype, device=device)
         self.tok = torch.zeros(batch_size, 1, dtype=torch.long, device=device)  # fed token
-        self.pos = torch.zeros(batch_size, 1, dtype=torch.long, device=device)  # its position
         self.at = torch.zeros(1, dtype=torch.long, device=device)  # its cache column
         self.written = torch.zeros(batch_size, self.max_len, dtype=torch.bool, device=device)
         self.length = 0  # host copy of `at`: bounds checks without a device sync
@@ -71,17 +71,18 @@ class StaticDecoder:
     # ------------------------------------------------------------------ the step
 
     def _eager_step(self) -> torch.Tensor:
-        """Decode self.tok at self.pos into cache column self.at, then advance both.
-        Static shapes and device-side state only.   -> logits (B, V)"""
+        """Decode self.tok into cache column self.at, then advance it. Its position is the
+        row's count of real tokens before it (cumsum(mask) - 1, as Llama.forward counts left
+        padding). Static shapes and device-side state only.   -> logits (B, V)"""
         llm = self.llm
         x = llm.embed_tokens(self.tok)  # (B, 1, C)
-        cos, sin = rope_cos_sin(self.pos, llm.cfg.head_dim, llm.cfg.rope_theta, x.dtype)
+        pos = self.written.sum(1, keepdim=True)  # (B, 1)
+        cos, sin = rope_cos_sin(pos, llm.cfg.head_dim, llm.cfg.rope_theta, x.dtype)
         self.written.index_fill_(1, self.at, True)  # the new token sees itself
         mask = self.written[:, None, None, :]  # (B, 1, 1, S_max)
         for i, layer in enumerate(llm.layers):
             x = layer(x, cos, sin, mask, (self.cache.k[i], self.cache.v[i], self.at))  # (B,1,C)
         logits = llm.lm_head(llm.norm(x))[:, -1]  # (B, V)
-        self.pos.add_(1)
         self.at.add_(1)
         return logits
 
@@ -103,7 +104,6 @@ class StaticDecoder:
 
     def _reset(self) -> None:
         self.written.zero_()
-        self.pos.zero_()
         self.at.zero_()
         self.length = 0
 
@@ -127,7 +127,6 @@ class StaticDecoder:
                           cache=self.cache, logits_to_keep=1)[:, -1]  # (B, V)
         self.written.zero_()
         self.written[:, :T] = mask.bool()
-        self.pos.copy_(mask.sum(1, keepdim=True))  # next position: cumsum(mask) - 1 of it
         self.at.fill_(T)
         self.length = T
         return logits

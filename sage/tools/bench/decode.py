@@ -37,6 +37,7 @@ import torch
 
 from torch.distributed.device_mesh import init_device_mesh
 
+from sage.checkpoint import local_tensor
 from sage.config import SageConfig
 from sage.distributed import cleanup, init_distributed, print0
 from sage.models.decoding import StaticDecoder
@@ -150,11 +151,9 @@ def main(argv: list[str] | None = None) -> None:
         model.init_weights()
     model.eval()
 
-    def local(x):  # this rank's share of a (possibly sharded) parameter
-        return x.to_local() if hasattr(x, "to_local") else x
     elt = torch.finfo(dtype).bits // 8
-    n_weights = (sum(local(p).numel() for p in model.parameters())
-                 - local(model.embed_tokens.weight).numel())
+    n_weights = (sum(local_tensor(p).numel() for p in model.parameters())  # this rank's share
+                 - local_tensor(model.embed_tokens.weight).numel())
     weight_bytes = n_weights * elt
     bw = copy_bandwidth(device, int(args.copy_gib * 2**30), 5, sync)
     name = torch.cuda.get_device_name() if cuda else "cpu"

@@ -26,6 +26,7 @@ import time
 
 import torch
 
+from sage.checkpoint import local_tensor
 from sage.config import SageConfig
 from sage.distributed import (DistInfo, build_model, build_optimizer, cleanup,
                               init_distributed)
@@ -107,6 +108,12 @@ def fake_world(n: int) -> DistInfo:
     return DistInfo(0, n, 0, torch.device("cuda", 0) if cuda else torch.device("cpu"))
 
 
+def forward_backward(model, batch) -> None:
+    """The SFE loss of one micro-batch (Eq. 8) and its gradients."""
+    _, loss_sum, n_tok = model(batch)
+    (loss_sum.sum() / n_tok.sum()).backward()
+
+
 def phases(model, opt, batch, steps: int, sync) -> tuple[float, float, float]:
     """Seconds per step of forward + backward, clipping and AdamW, synchronised between the
     phases so that each is timed alone."""
@@ -114,8 +121,7 @@ def phases(model, opt, batch, steps: int, sync) -> tuple[float, float, float]:
     for _ in range(steps):
         sync()
         t0 = time.perf_counter()
-        _, loss_sum, n_tok = model(batch)
-        (loss_sum.sum() / n_tok.sum()).backward()
+        forward_backward(model, batch)
         sync()
         t1 = time.perf_counter()
         grad_norm_and_clip(model, 1.0)
@@ -162,18 +168,16 @@ def main(argv: list[str] | None = None) -> None:
     batch = synthetic_batch(cfg, args.batch, args.seq_len, dist.device, gen)
     sync = torch.cuda.synchronize if dist.device.type == "cuda" else (lambda: None)
 
-    def one_step(update: bool = True):
-        _, loss_sum, n_tok = model(batch)
-        (loss_sum.sum() / n_tok.sum()).backward()
-        if update:
-            grad_norm_and_clip(model, 1.0)
-            opt.step()
+    def one_step():
+        forward_backward(model, batch)
+        grad_norm_and_clip(model, 1.0)
+        opt.step()
         opt.zero_grad(set_to_none=True)
 
-    def timed(update: bool) -> float:  # seconds per step
+    def timed() -> float:  # seconds per step, the steps back to back
         t = time.perf_counter()
         for _ in range(args.steps):
-            one_step(update)
+            one_step()
         sync()
         return (time.perf_counter() - t) / args.steps
 
@@ -182,13 +186,11 @@ def main(argv: list[str] | None = None) -> None:
     sync()
     if dist.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    dt = timed(update=True)
-    dt_fb = timed(update=False)  # without clipping and AdamW
-    ph_fb, ph_clip, ph_opt = phases(model, opt, batch, args.steps, sync)
+    dt = timed()
+    dt_fb, dt_clip, dt_opt = phases(model, opt, batch, args.steps, sync)
     flops = step_flops(cfg, args.batch, args.seq_len)
     tokens = args.batch * args.seq_len
-    local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel()
-                for p in model.parameters())
+    local = sum(local_tensor(p).numel() for p in model.parameters())
     print(f"slice: {args.preset} width, {args.llm_layers} LLM layers + {args.vit_layers} ViT "
           f"blocks, micro-batch {args.batch} x {args.seq_len} tokens, activation checkpointing "
           f"{args.activation_checkpointing}, device {dist.device}, torch {torch.__version__}")
@@ -196,8 +198,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"rank 0 of {args.world}: holds {local:,} of {total:,} parameters")
     print(f"step {dt * 1000:.1f} ms | {tokens / dt:,.0f} tok/s | {flops / dt / 1e12:.1f} TFLOP/s")
     print(f"forward + backward alone {dt_fb * 1000:.1f} ms | {flops / dt_fb / 1e12:.1f} TFLOP/s")
-    print(f"phases: forward + backward {ph_fb * 1000:.1f} ms, clipping {ph_clip * 1000:.1f} ms, "
-          f"AdamW {ph_opt * 1000:.1f} ms")
+    print(f"phases: forward + backward {dt_fb * 1000:.1f} ms, clipping {dt_clip * 1000:.1f} ms, "
+          f"AdamW {dt_opt * 1000:.1f} ms")
     if args.profile:
         print_profile(lambda: (one_step(), sync()), args.profile, dist.device.type == "cuda")
     if dist.device.type == "cuda":
